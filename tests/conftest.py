@@ -1,0 +1,24 @@
+import os
+
+import pytest
+
+# Tests run on the CPU unless a GPU test asks otherwise; several fake CPU devices for sharding.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+
+
+def _gpu_available() -> bool:
+    try:
+        import jax
+
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if any("gpu" in item.keywords for item in items) and not _gpu_available():
+        skip = pytest.mark.skip(reason="no NVIDIA GPU visible to JAX")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
