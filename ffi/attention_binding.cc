@@ -1,6 +1,7 @@
 // Python face of the attention handlers: registrations() -> {platform: {target: capsule}},
 // registered from jvt/ops.py with jax.ffi.register_ffi_target.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
 
 #include "attention.h"
 
@@ -8,6 +9,9 @@ namespace nb = nanobind;
 
 namespace jvt {
 namespace {
+
+// Indexed by DType (kF32, kF16, kBF16); numpy/jax dtype names.
+constexpr const char* kDTypeNames[] = {"float32", "float16", "bfloat16"};
 
 nb::capsule handler_capsule(XLA_FFI_Handler* handler) {
   return nb::capsule(reinterpret_cast<void*>(handler));
@@ -27,6 +31,23 @@ void bind_attention(nb::module_& m) {
       },
       "FFI handler capsules by platform: {'cpu': {'jvt_attention': capsule}, 'CUDA': {...}} "
       "(the CUDA entry only when the module was built with CUDA).");
+  m.def(
+      "attention_store_spec",
+      [](int32_t store_id) -> nb::object {
+        std::shared_ptr<KVStore> store = find_store(store_id);
+        if (!store) return nb::none();
+        const KVSpec& s = store->spec();
+        nb::dict spec;
+        spec["layers"] = s.layers;
+        spec["kv_heads"] = s.kv_heads;
+        spec["head_dim"] = s.head_dim;
+        spec["dtype"] = std::string(kDTypeNames[static_cast<int>(s.dtype)]);
+        spec["device"] = s.device;
+        return spec;
+      },
+      nb::arg("store_id"),
+      "The spec jvt_attention checks its operands against, for the store registered under "
+      "store_id: {layers, kv_heads, head_dim, dtype, device} (device -1: host store), or None.");
 }
 
 }  // namespace jvt

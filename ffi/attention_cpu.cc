@@ -109,7 +109,7 @@ std::vector<Seq> valid_sequences(const AttnParams& p) {
       set_error(p, kAttnErrLength);
     } else if (slot < 0 || slot >= p.slots) {
       set_error(p, kAttnErrSlot);
-    } else if (len > p.capacity[slot]) {
+    } else if (len > __atomic_load_n(&p.capacity[slot], __ATOMIC_ACQUIRE)) {
       set_error(p, kAttnErrCapacity);
     } else {
       seqs.push_back({start, end - start, slot, len});
