@@ -59,11 +59,16 @@ struct KVStats {
   int64_t chunks_free = 0;     // created chunks sitting in the pool
   int64_t chunks_shared = 0;   // chunks with refcount > 1
   int64_t mapped_bytes = 0;    // bytes of virtual range currently backed (sum over slots)
-  int64_t pending_jobs = 0;    // extensions queued, not yet mapped
+  int64_t pending_jobs = 0;    // slots with an extension queued, not yet mapped
+  int64_t fence_step = -1;     // latest fence(step); -1 before the first
+  int64_t retired_step = -1;   // latest retire(step); -1 before the first
   std::vector<int64_t> reserved_tokens;  // per slot: tokens reserved (0 = empty)
   std::vector<int64_t> mapped_tokens;    // per slot: capacity actually mapped now
   std::vector<int32_t> draining;         // per slot: 1 while a release waits for retire
 };
+
+// Whether a CUDA store can be created here; on false, *why says what is missing.
+bool cuda_backend_available(std::string* why);
 
 class KVStore;
 
@@ -110,11 +115,16 @@ class KVStore {
   int32_t* error_flag_device() const;
   // Read and clear the error flag (host side).
   int32_t take_error();
+  // Host view of the capacity table (the same memory the device reads).
+  const int32_t* capacity_table_host() const;
+  // The physical chunk ids backing a slot, in order (introspection for tests and stats).
+  std::vector<int64_t> slot_chunks(int32_t slot) const;
 
   // Test hooks: copy one token's K and V of one layer in/out (bytes: 2 * kv_heads * head_dim *
-  // elem_bytes, K then V). Throws std::out_of_range beyond the mapped capacity.
+  // elem_bytes, K then V). Complete pending mappings first; throw std::invalid_argument for a
+  // position beyond the slot's mapped capacity.
   void write_token(int32_t slot, int64_t pos, int32_t layer, const void* src);
-  void read_token(int32_t slot, int64_t pos, int32_t layer, void* dst) const;
+  void read_token(int32_t slot, int64_t pos, int32_t layer, void* dst);
 
   struct Impl;
 
