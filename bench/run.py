@@ -1,0 +1,73 @@
+"""Run the selected benchmark parts in one process and write report.md, results.json and plots.
+
+Parts (in run order): kernels, e2e, memory, multiturn, vmm. `--smoke` runs every code path on
+tiny sizes (CPU-friendly); GPU-only baselines are skipped with a printed reason. The headline
+table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+import time
+import traceback
+
+from bench.common import Report, log
+
+PARTS = {  # name -> module with run(report, smoke)
+    "kernels": "bench.kernels",
+    "e2e": "bench.e2e",
+    "memory": "bench.memory",
+    "multiturn": "bench.multiturn",
+    "vmm": "bench.vmm_overhead",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--out", required=True, help="directory for report.md, results.json, plots")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: check every code path")
+    ap.add_argument("--only", default="", help=f"comma-separated parts among {list(PARTS)}")
+    args = ap.parse_args(argv)
+    only = [p for p in args.only.split(",") if p]
+    unknown = [p for p in only if p not in PARTS]
+    if unknown:
+        ap.error(f"unknown part(s) {unknown}; allowed: {list(PARTS)}")
+    args.parts = only or list(PARTS)
+    return args
+
+
+def environment(smoke: bool) -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "mode": "smoke" if smoke else "full",
+        "device": f"{dev.platform}: {getattr(dev, 'device_kind', '?')}",
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    report = Report(args.out, environment(args.smoke))
+    log(f"bench: parts {args.parts}, {report.meta}")
+    failed = []
+    for part in args.parts:
+        log(f"== {part}")
+        try:
+            importlib.import_module(PARTS[part]).run(report, args.smoke)
+        except Exception as e:  # noqa: BLE001 - one part failing must not lose the others
+            traceback.print_exc()
+            report.skip(part, "whole part", f"failed: {type(e).__name__}: {e}")
+            failed.append(part)
+    headline = report.write()
+    log(f"wrote {args.out}/report.md, results.json and {len(report.plots)} plot(s)")
+    print("\n" + headline, flush=True)
+    if failed:
+        print(f"parts that failed: {failed}", file=sys.stderr)
+        sys.exit(1)
