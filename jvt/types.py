@@ -27,3 +27,150 @@ class AttnMeta:
     seq_start: jax.Array  # [S+1] int32 non-decreasing, seq_start[0] == 0, seq_start[S] <= T
     seq_slot: jax.Array  # [S] int32 KV-store slot of each sequence, -1 when unused
     seq_len: jax.Array  # [S] int32 KV length of each sequence after this step
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the tokens of one request.
+
+    temperature 0 is greedy (argmax). top_k 0 keeps the whole vocabulary; top_p 1.0 and min_p
+    0.0 disable nucleus and min-p filtering. max_tokens counts generated tokens. stop strings
+    end generation when they appear in the detokenized output (the output is trimmed before
+    them); stop_token_ids and (unless ignore_eos) the model's EOS ids end it after that token.
+    seed makes sampling reproducible whatever else is in the batch (None: derived from the
+    engine seed and the request number). logprobs: None, or how many top log-probabilities
+    (0..MAX_LOGPROBS) to return per token besides the chosen token's own.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _check_number("temperature", self.temperature, lo=0.0)
+        _check_int("top_k", self.top_k, lo=0)
+        _check_number("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
+        _check_number("min_p", self.min_p, lo=0.0, hi=1.0)
+        _check_int("max_tokens", self.max_tokens, lo=1)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {s!r}")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids", t, lo=0)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, lo=0, hi=2**32 - 1)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+MAX_LOGPROBS = 8  # top log-probabilities the step computes for every sampled token
+
+
+def _check_int(name: str, value, *, lo: int, hi: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"SamplingParams.{name} must be an int, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value}")
+
+
+def _check_number(name: str, value, *, lo: float, hi: float | None = None,
+                  lo_open: bool = False) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise ValueError(f"SamplingParams.{name} must be a number, got {value!r}")
+    if (value <= lo if lo_open else value < lo) or (hi is not None and value > hi):
+        left = "(" if lo_open else "["
+        right = f"{hi}]" if hi is not None else "inf)"
+        raise ValueError(f"SamplingParams.{name} must be in {left}{lo}, {right}, got {value}")
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    """Timings (seconds, time.perf_counter clock) and KV reuse of one request.
+
+    token_times[i] is when generated token i reached the host; ttft is token_times[0] -
+    arrival_time; itl are the gaps between consecutive tokens.
+    """
+
+    arrival_time: float
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    finished_time: float | None = None
+    prompt_tokens: int = 0
+    prefix_tokens_reused: int = 0  # prompt tokens whose KV came from another slot or a turn
+    num_preemptions: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] - self.arrival_time if self.token_times else None
+
+    @property
+    def itl(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode rate after the first token (None with fewer than two tokens)."""
+        if len(self.token_times) < 2:
+            return None
+        return (len(self.token_times) - 1) / (self.token_times[-1] - self.token_times[0])
+
+
+@dataclasses.dataclass
+class Logprob:
+    """The log-probability of a generated token and the top alternatives at that step."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]  # up to SamplingParams.logprobs entries: token id -> logprob
+
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """The result of one request: generated text and ids, why it ended, metrics, logprobs.
+
+    token_ids include a final stop or EOS token; text is the detokenized output with special
+    tokens skipped and trimmed before a matched stop string.
+    """
+
+    request_id: str
+    prompt: str | None  # None when the prompt was given as token ids
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # one of FINISH_REASONS once finished
+    metrics: RequestMetrics
+    logprobs: list[Logprob] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamDelta:
+    """What one request produced since its previous delta (Engine.stream)."""
+
+    request_id: str
+    text: str  # new text (held back while it may still become a stop string)
+    token_ids: list[int]  # new token ids
+    finish_reason: str | None  # set on the last delta
