@@ -1,0 +1,173 @@
+// The CUDA handler of jvt_attention: host work (validation, apply_pending, scratch, the
+// number of KV splits) from static shapes only, then four launches on XLA's stream:
+// check_sequences -> append_kv -> split_kv_attention -> merge_splits (when split).
+// Host code never reads a device buffer; every per-row decision is made on the device.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "attention.h"
+#include "cuda/append_kv.cuh"
+#include "cuda/split_kv_attention.cuh"
+
+namespace jvt {
+namespace {
+
+namespace ffi = xla::ffi;
+using cuda::SplitKV;
+
+constexpr int kMaxSplits = 64;
+constexpr int kCtasPerSm = 4;  // split until this many attention CTAs per SM are in flight
+
+ffi::Error launch_error(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("jvt_attention: launching ") + kernel + " failed: " +
+                              cudaGetErrorString(err));
+}
+
+// Query heads per CTA: the smallest of 1, 2, 4, 8 covering the GQA group, at most 8.
+int heads_per_cta(int group) {
+  int hb = 1;
+  while (hb < group && hb < 8) hb *= 2;
+  return hb;
+}
+
+// Enough CTAs to fill the GPU when there are few rows (decode); one split when rows
+// alone fill it (prefill), so the attention kernel writes out directly.
+int choose_splits(int64_t ctas) {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();  // a failed query only costs a less tuned split count
+    sms = 132;
+  }
+  const int64_t target = int64_t(kCtasPerSm) * sms;
+  if (ctas >= target) return 1;
+  return static_cast<int>(std::min<int64_t>(kMaxSplits, (target + ctas - 1) / ctas));
+}
+
+template <typename T, int D, int HB>
+ffi::Error launch_attention(const AttnParams& p, const SplitKV& sk, const int32_t* seq_ok,
+                            cudaStream_t stream) {
+  using C = cuda::SplitKVConfig<D, HB>;
+  const dim3 grid(static_cast<unsigned>(p.num_rows),
+                  static_cast<unsigned>(p.kv_heads * sk.head_blocks),
+                  static_cast<unsigned>(sk.num_splits));
+  cuda::split_kv_attention_kernel<T, D, HB><<<grid, C::kThreads, 0, stream>>>(p, sk, seq_ok);
+  if (ffi::Error err = launch_error("split_kv_attention"); err.failure()) return err;
+  if (sk.num_splits > 1) {
+    cuda::merge_splits_kernel<T><<<static_cast<unsigned>(p.num_rows), 128, 0, stream>>>(p, sk);
+    return launch_error("merge_splits");
+  }
+  return ffi::Error::Success();
+}
+
+// The one place where runtime switches (dtype, head_dim, heads per CTA) become template
+// constants.
+template <typename T, int D>
+ffi::Error dispatch_heads(const AttnParams& p, const SplitKV& sk, int hb, const int32_t* seq_ok,
+                          cudaStream_t stream) {
+  switch (hb) {
+    case 1: return launch_attention<T, D, 1>(p, sk, seq_ok, stream);
+    case 2: return launch_attention<T, D, 2>(p, sk, seq_ok, stream);
+    case 4: return launch_attention<T, D, 4>(p, sk, seq_ok, stream);
+    default: return launch_attention<T, D, 8>(p, sk, seq_ok, stream);
+  }
+}
+
+template <typename T>
+ffi::Error dispatch_head_dim(const AttnParams& p, const SplitKV& sk, int hb,
+                             const int32_t* seq_ok, cudaStream_t stream) {
+  if (p.head_dim == 64) return dispatch_heads<T, 64>(p, sk, hb, seq_ok, stream);
+  return dispatch_heads<T, 128>(p, sk, hb, seq_ok, stream);
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+ffi::Error attention_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
+                          ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer seq_start,
+                          ffi::AnyBuffer seq_slot, ffi::AnyBuffer seq_len,
+                          ffi::Result<ffi::AnyBuffer> out, int32_t store_id, int32_t layer,
+                          float scale) {
+  AttnParams p;
+  if (ffi::Error err = prepare_attention(q, k, v, seq_start, seq_slot, seq_len, *out, store_id,
+                                         layer, scale, &p);
+      err.failure()) {
+    return err;
+  }
+  if (p.dtype != DType::kBF16 && p.dtype != DType::kF16) {
+    return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                      "jvt_attention: the CUDA kernels support bf16 and f16, not f32");
+  }
+  if (p.head_dim != 64 && p.head_dim != 128) {
+    return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                      "jvt_attention: the CUDA kernels support head_dim 64 and 128, got " +
+                          std::to_string(p.head_dim));
+  }
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) ||
+      !aligned16(p.kv_base) || p.token_bytes % 16 != 0 || p.slot_stride % 16 != 0) {
+    return ffi::Error::Internal("jvt_attention: buffers and the KV layout must be 16-byte aligned");
+  }
+  if (p.num_rows == 0) return ffi::Error::Success();
+
+  const int group = p.q_heads / p.kv_heads;
+  const int hb = heads_per_cta(group);
+  SplitKV sk{};
+  sk.head_blocks = (group + hb - 1) / hb;
+  sk.num_splits = choose_splits(p.num_rows * p.kv_heads * sk.head_blocks);
+
+  // One scratch block: seq_ok [S] int32, then (when split) partial_o and partial_lse.
+  const int64_t seq_ok_bytes = (std::max<int64_t>(p.num_seqs, 1) * 4 + 255) / 256 * 256;
+  const int64_t plane = p.num_rows * p.q_heads;
+  const int64_t partial_bytes =
+      sk.num_splits > 1 ? sk.num_splits * plane * (p.head_dim + 1) * int64_t(sizeof(float)) : 0;
+  std::optional<void*> block = scratch.Allocate(seq_ok_bytes + partial_bytes, 256);
+  if (!block.has_value()) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "jvt_attention: no scratch memory for " +
+                          std::to_string(seq_ok_bytes + partial_bytes) + " bytes");
+  }
+  auto* seq_ok = static_cast<int32_t*>(*block);
+  if (sk.num_splits > 1) {
+    sk.partial_o = reinterpret_cast<float*>(static_cast<uint8_t*>(*block) + seq_ok_bytes);
+    sk.partial_lse = sk.partial_o + sk.num_splits * plane * p.head_dim;
+  }
+
+  if (p.num_seqs > 0) {
+    const unsigned blocks = static_cast<unsigned>((p.num_seqs + 127) / 128);
+    cuda::check_sequences_kernel<<<blocks, 128, 0, stream>>>(p, seq_ok);
+    if (ffi::Error err = launch_error("check_sequences"); err.failure()) return err;
+  }
+  const int64_t row_vecs = p.kv_heads * p.head_dim * dtype_bytes(p.dtype) / 16;
+  const int64_t append_threads = p.num_rows * 2 * row_vecs;
+  cuda::append_kv_kernel<<<static_cast<unsigned>((append_threads + 255) / 256), 256, 0,
+                           stream>>>(p, seq_ok, row_vecs);
+  if (ffi::Error err = launch_error("append_kv"); err.failure()) return err;
+
+  if (p.dtype == DType::kBF16) return dispatch_head_dim<__nv_bfloat16>(p, sk, hb, seq_ok, stream);
+  return dispatch_head_dim<__half>(p, sk, hb, seq_ok, stream);
+}
+
+XLA_FFI_DEFINE_HANDLER(kHandler, attention_cuda,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<cudaStream_t>>()  // XLA's compute stream
+                           .Ctx<ffi::ScratchAllocator>()  // seq_ok and split partials
+                           .Arg<ffi::AnyBuffer>()         // q [T, Hq, D]
+                           .Arg<ffi::AnyBuffer>()         // k [T, Hkv, D]
+                           .Arg<ffi::AnyBuffer>()         // v [T, Hkv, D]
+                           .Arg<ffi::AnyBuffer>()         // seq_start int32 [S+1]
+                           .Arg<ffi::AnyBuffer>()         // seq_slot int32 [S]
+                           .Arg<ffi::AnyBuffer>()         // seq_len int32 [S]
+                           .Ret<ffi::AnyBuffer>()         // out [T, Hq, D]
+                           .Attr<int32_t>("store_id")
+                           .Attr<int32_t>("layer")
+                           .Attr<float>("scale"));
+
+}  // namespace
+
+XLA_FFI_Handler* const kJvtAttentionCuda = kHandler;
+
+}  // namespace jvt
