@@ -1,0 +1,85 @@
+"""Orbax cache of converted params: a checkpoint converted once is restored, not re-converted.
+
+An entry lives at `<cache root>/<key>`; the key hashes the checkpoint files' names, sizes and
+modification times together with the ModelConfig (which includes the dtype) and the params
+layout version, so any change to the checkpoint or the conversion gives a new entry.
+The cache root is `cache_dir`, else $JVT_CACHE_DIR, else ~/.cache/jvt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+
+import jax
+
+from jvt.models.config import ModelConfig
+from jvt.models.llama import param_shapes
+
+# Bump when the params layout or the conversion changes: old entries then stop matching.
+LAYOUT_VERSION = 1
+_KEYED_SUFFIXES = (".safetensors", ".json")
+
+log = logging.getLogger(__name__)
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> str:
+    if cache_dir is not None:
+        return os.fspath(cache_dir)
+    return os.environ.get("JVT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jvt")
+
+
+def cache_key(checkpoint_dir: str | os.PathLike, config: ModelConfig) -> str:
+    """Hash of (layout version, config, every weight/config file's name, size, mtime)."""
+    files = []
+    for name in sorted(os.listdir(checkpoint_dir)):
+        if name.endswith(_KEYED_SUFFIXES):
+            st = os.stat(os.path.join(checkpoint_dir, name))
+            files.append((name, st.st_size, st.st_mtime_ns))
+    blob = json.dumps([LAYOUT_VERSION, repr(dataclasses.asdict(config)), files])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def entry_path(checkpoint_dir: str | os.PathLike, config: ModelConfig,
+               cache_dir: str | os.PathLike | None = None) -> str:
+    """Absolute path of the cache entry for this checkpoint and config."""
+    return os.path.abspath(os.path.join(cache_root(cache_dir), cache_key(checkpoint_dir, config)))
+
+
+def restore(path: str, config: ModelConfig, device: jax.Device | None = None) -> dict | None:
+    """Params from the entry at path onto device (default: the default device), or None when
+    there is no entry. An unreadable entry is deleted (and None returned) so it gets rebuilt."""
+    if not os.path.isdir(path):
+        return None
+    import orbax.checkpoint as ocp
+
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          param_shapes(config))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path, target)
+    except Exception as err:  # noqa: BLE001 - any failure means: rebuild the entry
+        log.warning("jvt: dropping unreadable params cache %s (%s)", path, err)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+
+
+def save(path: str, params: dict) -> None:
+    """Write params to the entry at path (orbax finalizes it atomically by a rename).
+
+    A failure to cache (disk full, read-only dir, a concurrent writer) only logs a warning:
+    the caller already has its params."""
+    import orbax.checkpoint as ocp
+
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(path, params)
+            checkpointer.wait_until_finished()
+    except Exception as err:  # noqa: BLE001 - caching is an optimisation, never fatal
+        log.warning("jvt: could not write params cache %s (%s)", path, err)
