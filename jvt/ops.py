@@ -162,6 +162,7 @@ def reference_attention(q, k_cache, v_cache, meta: AttnMeta, *, scale: float) ->
     k_cache, v_cache: [slots, max_tokens, Hkv, D]. Returns [T, Hq, D] float32; padding rows and
     rows of sequences the op would skip (slot out of range, seq_len < n_i or > max_tokens) are 0.
     """
+    k_cache, v_cache = jnp.asarray(k_cache), jnp.asarray(v_cache)
     t, hq, d = q.shape
     slots, max_tokens, hkv, _ = k_cache.shape
     valid, slot, pos = _row_layout(meta, t, slots, max_tokens)
@@ -182,6 +183,7 @@ def reference_step(q, k, v, k_cache, v_cache, meta: AttnMeta, *, scale: float):
     k_cache, v_cache: [slots, max_tokens, Hkv, D]. Returns (out [T, Hq, D] in q's dtype,
     k_cache, v_cache) with this step's rows written (skipped sequences write nothing).
     """
+    k_cache, v_cache = jnp.asarray(k_cache), jnp.asarray(v_cache)
     slots, max_tokens = k_cache.shape[:2]
     valid, slot, pos = _row_layout(meta, q.shape[0], slots, max_tokens)
     slot = jnp.where(valid, slot, slots)  # out of bounds: dropped by the scatter
