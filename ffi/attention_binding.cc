@@ -27,6 +27,11 @@ void bind_attention(nb::module_& m) {
         nb::dict cpu;
         cpu["jvt_attention"] = handler_capsule(kJvtAttentionCpu);
         platforms["cpu"] = cpu;
+#ifdef JVT_WITH_CUDA
+        nb::dict cuda;
+        cuda["jvt_attention"] = handler_capsule(kJvtAttentionCuda);
+        platforms["CUDA"] = cuda;
+#endif
         return platforms;
       },
       "FFI handler capsules by platform: {'cpu': {'jvt_attention': capsule}, 'CUDA': {...}} "
