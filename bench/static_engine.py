@@ -1,0 +1,187 @@
+"""A static max-length-cache JAX engine, the JetStream/MaxText design, as a baseline.
+
+Every slot owns a preallocated [max_len, Hkv, D] K and V cache per layer ([slots, max_len, Hkv,
+D] arrays, donated through each step); attention is jax.nn.dot_product_attention (cuDNN on
+GPU, XLA elsewhere) over the whole max_len cache with a length mask; prefill (one request,
+prompt padded to a power-of-two bucket) and decode (all slots) are jitted. Same params pytree
+and the same math as jvt.models.llama; greedy sampling only. Continuous batching: an arriving
+request is prefilled into a free slot between decode steps, as JetStream inserts prefills.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jvt.models import llama
+from jvt.models.config import ModelConfig
+
+
+def default_impl() -> str:
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+def _qkv(p, x, positions, config: ModelConfig, inv_freq):
+    t, d = x.shape[0], config.head_dim
+    q, k, v = x @ p["wq"], x @ p["wk"], x @ p["wv"]
+    if config.qkv_bias:
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    q = llama.apply_rope(q.reshape(t, config.num_heads, d), positions, inv_freq)
+    k = llama.apply_rope(k.reshape(t, config.num_kv_heads, d), positions, inv_freq)
+    return q, k, v.reshape(t, config.num_kv_heads, d)
+
+
+def _mlp(p, x):
+    return (jax.nn.silu(x @ p["w_gate"]) * (x @ p["w_up"])) @ p["w_down"]
+
+
+def _prefill(params, cache, tokens, true_len, slot, *, config: ModelConfig, impl: str):
+    """tokens [P] (padded) of one request into `slot`; returns (logits [P, V], cache)."""
+    inv_freq = llama.rope_inv_freq(config)
+    positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+    eps, scale = config.rms_norm_eps, config.head_dim ** -0.5
+    x = params["embed"][tokens]
+    new_cache = []
+    for p, (ck, cv) in zip(params["layers"], cache):
+        q, k, v = _qkv(p, llama.rms_norm(x, p["attn_norm"], eps), positions, config, inv_freq)
+        a = jax.nn.dot_product_attention(q[None], k[None], v[None], scale=scale, is_causal=True,
+                                         implementation=impl)[0]
+        x = x + a.reshape(x.shape[0], -1) @ p["wo"]
+        x = x + _mlp(p, llama.rms_norm(x, p["mlp_norm"], eps))
+        new_cache.append((jax.lax.dynamic_update_slice(ck, k[None], (slot, 0, 0, 0)),
+                          jax.lax.dynamic_update_slice(cv, v[None], (slot, 0, 0, 0))))
+    del true_len  # rows past it are padding; the causal mask keeps them out of real rows
+    hidden = llama.rms_norm(x, params["final_norm"], eps)
+    return llama.logits(params, hidden, config=config), new_cache
+
+
+def _decode(params, cache, tokens, lengths, *, config: ModelConfig, impl: str):
+    """One token per slot at position lengths[s]; returns (greedy next tokens [S], cache)."""
+    inv_freq = llama.rope_inv_freq(config)
+    eps, scale = config.rms_norm_eps, config.head_dim ** -0.5
+    slots = jnp.arange(tokens.shape[0])
+    x = params["embed"][tokens]
+    new_cache = []
+    for p, (ck, cv) in zip(params["layers"], cache):
+        q, k, v = _qkv(p, llama.rms_norm(x, p["attn_norm"], eps), lengths, config, inv_freq)
+        ck, cv = ck.at[slots, lengths].set(k), cv.at[slots, lengths].set(v)
+        a = jax.nn.dot_product_attention(q[:, None], ck, cv, scale=scale,
+                                         key_value_seq_lengths=lengths + 1,
+                                         implementation=impl)[:, 0]
+        x = x + a.reshape(x.shape[0], -1) @ p["wo"]
+        x = x + _mlp(p, llama.rms_norm(x, p["mlp_norm"], eps))
+        new_cache.append((ck, cv))
+    hidden = llama.rms_norm(x, params["final_norm"], eps)
+    nxt = jnp.argmax(llama.logits(params, hidden, config=config), axis=-1).astype(jnp.int32)
+    return nxt, new_cache
+
+
+@dataclasses.dataclass
+class Served:
+    """Timings of one served request (perf_counter seconds)."""
+
+    arrival: float
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+
+
+class StaticEngine:
+    """Greedy generation with a preallocated [slots, max_len] KV cache per layer."""
+
+    def __init__(self, config: ModelConfig, params, *, slots: int, max_len: int,
+                 impl: str | None = None):
+        if slots < 1 or max_len < 16:
+            raise ValueError(f"need slots >= 1 and max_len >= 16, got {slots}, {max_len}")
+        self.config, self.params, self.slots, self.max_len = config, params, slots, max_len
+        self.impl = impl or default_impl()
+        shape = (slots, max_len, config.num_kv_heads, config.head_dim)
+        self.cache = [(jnp.zeros(shape, config.jnp_dtype), jnp.zeros(shape, config.jnp_dtype))
+                      for _ in range(config.num_layers)]
+        kw = dict(config=config, impl=self.impl)
+        self._prefill = jax.jit(functools.partial(_prefill, **kw), donate_argnums=1)
+        self._decode = jax.jit(functools.partial(_decode, **kw), donate_argnums=1)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.cache)
+
+    def bucket(self, n: int) -> int:
+        if not 1 <= n <= self.max_len:
+            raise ValueError(f"prompt of {n} tokens does not fit max_len={self.max_len}")
+        return min(self.max_len, max(16, 1 << (n - 1).bit_length()))
+
+    def prefill(self, slot: int, prompt: list[int]) -> jax.Array:
+        """Fill `slot` with the prompt; returns logits [bucket, V] (row len-1 is the next)."""
+        ids = np.zeros(self.bucket(len(prompt)), np.int32)
+        ids[:len(prompt)] = prompt
+        logits, self.cache = self._prefill(self.params, self.cache, jnp.asarray(ids),
+                                           np.int32(len(prompt)), np.int32(slot))
+        return logits
+
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """tokens, lengths: int32 [slots]; returns the next greedy token of every slot."""
+        nxt, self.cache = self._decode(self.params, self.cache, jnp.asarray(tokens),
+                                       jnp.asarray(lengths))
+        return np.asarray(nxt)
+
+    def warmup(self, prompt_lens: list[int]) -> None:
+        """Compile the prefill buckets of `prompt_lens` and the decode step."""
+        for b in sorted({self.bucket(n) for n in prompt_lens}):
+            jax.block_until_ready(self.prefill(0, [1] * b))
+        self.decode(np.zeros(self.slots, np.int32), np.zeros(self.slots, np.int32))
+
+    def serve(self, requests: list[tuple[float, list[int], int]]) -> list[Served]:
+        """Serve (arrival_s, prompt ids, output_len) requests with continuous batching.
+
+        Arrivals are relative to the call. A request's first token comes from its prefill;
+        each decode step then advances every active slot by one token."""
+        for _, prompt, out_len in requests:
+            if len(prompt) + out_len > self.max_len:
+                raise ValueError(f"prompt {len(prompt)} + output {out_len} > max_len "
+                                 f"{self.max_len}")
+        order = sorted(range(len(requests)), key=lambda i: requests[i][0])
+        results = [Served(arrival=0.0) for _ in requests]
+        tokens = np.zeros(self.slots, np.int32)
+        lengths = np.zeros(self.slots, np.int32)
+        active: dict[int, int] = {}  # slot -> request index
+        free = list(range(self.slots))[::-1]
+        t0 = time.perf_counter()
+        nxt_req = 0
+        while nxt_req < len(order) or active:
+            now = time.perf_counter() - t0
+            while free and nxt_req < len(order) and requests[order[nxt_req]][0] <= now:
+                i = order[nxt_req]
+                nxt_req += 1
+                arrival, prompt, out_len = requests[i]
+                slot = free.pop()
+                first = int(jnp.argmax(self.prefill(slot, prompt)[len(prompt) - 1]))
+                results[i].arrival = t0 + arrival
+                self._emit(results[i], first)
+                tokens[slot], lengths[slot] = first, len(prompt)
+                if out_len > 1:
+                    active[slot] = i
+                else:
+                    free.append(slot)
+            if not active:
+                if nxt_req < len(order):
+                    time.sleep(max(0.0, requests[order[nxt_req]][0] - now))
+                continue
+            out = self.decode(tokens, lengths)
+            for slot, i in list(active.items()):
+                self._emit(results[i], int(out[slot]))
+                tokens[slot] = out[slot]
+                lengths[slot] += 1
+                if len(results[i].token_ids) == requests[i][2]:
+                    del active[slot]
+                    free.append(slot)
+        return results
+
+    @staticmethod
+    def _emit(served: Served, token: int) -> None:
+        served.token_times.append(time.perf_counter())
+        served.token_ids.append(token)
