@@ -40,5 +40,7 @@ class Backend {
 std::unique_ptr<Backend> make_host_backend();
 // Throws std::runtime_error("CUDA backend unavailable: ...") where no driver or device exists.
 std::unique_ptr<Backend> make_cuda_backend(int32_t device);
+// cuMemGetInfo on the device's primary context: free and total bytes (tests and benchmarks).
+void cuda_mem_info(int32_t device, int64_t* free_bytes, int64_t* total_bytes);
 
 }  // namespace jvt

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <thread>
 
+#include "backend.h"
 #include "kv_store.h"
 
 namespace nb = nanobind;
@@ -204,6 +205,11 @@ void bind_kv_store(nb::module_& m) {
     std::string why;
     return cuda_backend_available(&why) ? std::string() : why;
   }, G());
+  m.def("_cuda_mem_info", [](int32_t device) {
+    int64_t free = 0, total = 0;
+    cuda_mem_info(device, &free, &total);
+    return nb::make_tuple(free, total);
+  });
   m.def("_store_registered", [](int32_t id) { return find_store(id) != nullptr; });
 }
 

@@ -488,6 +488,10 @@ bool cuda_backend_available(std::string* why) {
   if (why != nullptr) *why = "jvt was built without CUDA (no nvcc)";
   return false;
 }
+
+void cuda_mem_info(int32_t device, int64_t* free_bytes, int64_t* total_bytes) {
+  throw std::runtime_error("CUDA backend unavailable: jvt was built without CUDA (no nvcc)");
+}
 #endif
 
 }  // namespace jvt

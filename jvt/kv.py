@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Self
 
 import ml_dtypes
 import numpy as np
@@ -151,7 +152,7 @@ class KVStore:
         """Unregister the store and free its memory (once no FFI call still holds it)."""
         self._native.close()
 
-    def __enter__(self) -> KVStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -17,8 +17,8 @@ SLOTS = 4
 MAX_TOKENS = 300
 BUDGET_CHUNKS = 8
 # float32, 1 layer x 1 head x 4096: 32 KiB per token, 64 tokens per 2 MiB chunk.
-SPEC = dict(layers=1, kv_heads=1, head_dim=4096, dtype="float32", slots=SLOTS,
-            max_tokens=MAX_TOKENS, budget_bytes=BUDGET_CHUNKS * (2 << 20))
+SPEC = {"layers": 1, "kv_heads": 1, "head_dim": 4096, "dtype": "float32", "slots": SLOTS,
+            "max_tokens": MAX_TOKENS, "budget_bytes": BUDGET_CHUNKS * (2 << 20)}
 
 
 class ModelSlot:
@@ -30,9 +30,11 @@ class ModelSlot:
 
 
 class KVStoreMachine(RuleBasedStateMachine):
+    DEVICE = "cpu"  # tests/test_kv_gpu.py reruns the machine on "cuda:0"
+
     def __init__(self):
         super().__init__()
-        self.store = KVStore(**SPEC)
+        self.store = KVStore(**SPEC, device=self.DEVICE)
         self.tpc = self.store.tokens_per_chunk
         assert self.tpc == 64
         self.slots = [ModelSlot() for _ in range(SLOTS)]

@@ -14,6 +14,12 @@ from jvt.kv import KVCacheFull, KVCapacityError, KVStore, cuda_available
 MiB = 1 << 20
 
 
+@pytest.fixture
+def device():
+    """The backend under test; tests/test_kv_gpu.py reruns these tests with "cuda:0"."""
+    return "cpu"
+
+
 def make(layers=2, kv_heads=2, head_dim=64, dtype="float32", slots=4, max_tokens=5000,
          budget_chunks=8, **kw):
     token_bytes = layers * 2 * kv_heads * head_dim * np.dtype(
@@ -103,8 +109,8 @@ def test_address_formula_matches_layout():
 # ---- reserve / apply_pending ----------------------------------------------------------------
 
 
-def test_reserve_maps_in_background_and_capacity_follows():
-    with make(max_tokens=5000) as s:
+def test_reserve_maps_in_background_and_capacity_follows(device):
+    with make(device=device, max_tokens=5000) as s:
         tpc = s.tokens_per_chunk
         s.reserve(1, 17)
         s.apply_pending()
@@ -121,17 +127,17 @@ def test_reserve_maps_in_background_and_capacity_follows():
         assert s.slot_chunks(1) == [0, 1]
 
 
-def test_capacity_is_capped_at_max_tokens():
-    with make(max_tokens=97) as s:
+def test_capacity_is_capped_at_max_tokens(device):
+    with make(device=device, max_tokens=97) as s:
         s.reserve(0, 97)
         s.apply_pending()
         assert s.capacity()[0] == 97
 
 
-def test_background_mapper_completes_without_apply_pending():
+def test_background_mapper_completes_without_apply_pending(device):
     import time
 
-    with make() as s:
+    with make(device=device) as s:
         s.reserve(2, 1000)
         deadline = time.time() + 10
         while s.capacity()[2] < 1000 and time.time() < deadline:
@@ -140,10 +146,11 @@ def test_background_mapper_completes_without_apply_pending():
         assert s.stats().pending_jobs == 0
 
 
-def test_kv_cache_full_carries_numbers_and_changes_nothing():
-    with make(max_tokens=5000, budget_chunks=3) as s:
+def test_kv_cache_full_carries_numbers_and_changes_nothing(device):
+    with make(device=device, max_tokens=5000, budget_chunks=3) as s:
         tpc = s.tokens_per_chunk
         s.reserve(0, 2 * tpc)
+        s.apply_pending()  # so the mapper cannot change the snapshot below
         before = s.stats()
         with pytest.raises(KVCacheFull) as e:
             s.reserve(1, 2 * tpc)
@@ -160,8 +167,8 @@ def test_kv_cache_full_carries_numbers_and_changes_nothing():
 # ---- release / fence / retire ---------------------------------------------------------------
 
 
-def test_release_waits_for_retire_of_its_fence():
-    with make() as s:
+def test_release_waits_for_retire_of_its_fence(device):
+    with make(device=device) as s:
         s.fence(0)
         s.reserve(0, 10)
         s.apply_pending()
@@ -186,8 +193,8 @@ def test_release_waits_for_retire_of_its_fence():
         assert s.slot_chunks(0) == [0] and s.stats().chunks_created == 1
 
 
-def test_release_after_everything_retired_is_immediate():
-    with make() as s:
+def test_release_after_everything_retired_is_immediate(device):
+    with make(device=device) as s:
         s.reserve(0, 10)
         s.release(0)  # no fence ever: nothing was enqueued
         assert s.stats().chunks_in_use == 0
@@ -198,8 +205,8 @@ def test_release_after_everything_retired_is_immediate():
         assert not s.stats().draining[1] and s.stats().chunks_free == 1
 
 
-def test_release_of_unmapped_pending_slot():
-    with make() as s:
+def test_release_of_unmapped_pending_slot(device):
+    with make(device=device) as s:
         s.fence(0)
         s.reserve(3, 4000)
         s.release(3)  # possibly before the mapper ran
@@ -208,8 +215,8 @@ def test_release_of_unmapped_pending_slot():
         assert st.chunks_in_use == 0 and st.pending_jobs == 0 and st.mapped_bytes == 0
 
 
-def test_fence_and_retire_ordering_errors():
-    with make() as s:
+def test_fence_and_retire_ordering_errors(device):
+    with make(device=device) as s:
         s.fence(3)
         with pytest.raises(ValueError, match="fence: step=2 is below"):
             s.fence(2)
@@ -223,8 +230,9 @@ def test_fence_and_retire_ordering_errors():
 # ---- share -----------------------------------------------------------------------------------
 
 
-def test_share_whole_chunks_zero_copy():
-    with make(layers=1, kv_heads=1, head_dim=4096, dtype="float32", max_tokens=1000) as s:
+def test_share_whole_chunks_zero_copy(device):
+    with make(device=device, layers=1, kv_heads=1, head_dim=4096, dtype="float32",
+              max_tokens=1000) as s:
         tpc = s.tokens_per_chunk  # 64
         assert tpc == 64
         s.reserve(0, 3 * tpc + 5)
@@ -253,15 +261,15 @@ def test_share_whole_chunks_zero_copy():
                             if key[0] < 2 * tpc and key[0] != 5})
 
 
-def test_share_less_than_a_chunk_shares_nothing():
-    with make() as s:
+def test_share_less_than_a_chunk_shares_nothing(device):
+    with make(device=device) as s:
         s.reserve(0, 100)
         assert s.share(1, 0, 100) == 0
         assert s.slot_chunks(1) == [] and s.stats().chunks_shared == 0
 
 
-def test_share_from_draining_source():
-    with make(layers=1, kv_heads=1, head_dim=4096, dtype="float32") as s:
+def test_share_from_draining_source(device):
+    with make(device=device, layers=1, kv_heads=1, head_dim=4096, dtype="float32") as s:
         s.fence(0)
         s.reserve(0, 64)
         data = write_all(s, 0, [0, 63], "d")
@@ -276,15 +284,15 @@ def test_share_from_draining_source():
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_data_survives_growth_release_retire_and_reuse(dtype):
-    with make(layers=3, kv_heads=1, head_dim=128, dtype=dtype, slots=4, max_tokens=20000,
-              budget_chunks=12) as s:
+def test_data_survives_growth_release_retire_and_reuse(dtype, device):
+    with make(device=device, layers=3, kv_heads=1, head_dim=128, dtype=dtype, slots=4,
+              max_tokens=20000, budget_chunks=12) as s:
         tpc = s.tokens_per_chunk
         s.fence(0)
         s.reserve(0, 17)
         s.reserve(1, tpc + 1)
         d0 = write_all(s, 0, [0, 1, 16], "a")
-        d1 = write_all(s, 1, [0, tpc - 1, tpc], "b")
+        write_all(s, 1, [0, tpc - 1, tpc], "b")
         s.reserve(0, 3 * tpc + 1)  # grow slot 0 after other slots took chunks
         s.reserve(2, 2 * tpc)
         d0.update(write_all(s, 0, [tpc, 2 * tpc + 5, 3 * tpc], "c"))
@@ -299,8 +307,8 @@ def test_data_survives_growth_release_retire_and_reuse(dtype):
         assert s.stats().chunks_created <= s.budget_chunks
 
 
-def test_80_layer_single_head_chunks():
-    with KVStore(80, 1, 128, "bfloat16", 2, 1000, 30 * MiB) as s:
+def test_80_layer_single_head_chunks(device):
+    with KVStore(80, 1, 128, "bfloat16", 2, 1000, 30 * MiB, device) as s:
         assert s.chunk_bytes == 10 * MiB and s.tokens_per_chunk == 256
         s.reserve(0, 257)
         s.reserve(1, 256)
@@ -323,9 +331,9 @@ def test_check_raises_on_error_flag():
         s.check()
 
 
-def test_registry_and_close():
-    s = make()
-    t = make()
+def test_registry_and_close(device):
+    s = make(device=device)
+    t = make(device=device)
     assert s.store_id != t.store_id
     assert _native._store_registered(s.store_id)
     sid = s.store_id
@@ -352,17 +360,17 @@ def test_cuda_unavailable_is_clear():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(layers=0), "layers=0 out of range"),
-        (dict(kv_heads=-1), "kv_heads=-1 out of range"),
-        (dict(head_dim=0), "head_dim=0 out of range"),
-        (dict(slots=0), "slots=0 out of range"),
-        (dict(max_tokens=0), "max_tokens=0 out of range"),
-        (dict(dtype="int8"), "dtype='int8' not supported"),
-        (dict(dtype=np.int32), "dtype=int32 not supported"),
-        (dict(device="tpu"), "device='tpu' not understood"),
-        (dict(device="cuda:x"), "not understood"),
-        (dict(budget_chunks=0), "holds no chunk"),
-        (dict(slots=1 << 20, max_tokens=(1 << 31) - 1), "reservation would be"),
+        ({"layers": 0}, "layers=0 out of range"),
+        ({"kv_heads": -1}, "kv_heads=-1 out of range"),
+        ({"head_dim": 0}, "head_dim=0 out of range"),
+        ({"slots": 0}, "slots=0 out of range"),
+        ({"max_tokens": 0}, "max_tokens=0 out of range"),
+        ({"dtype": "int8"}, "dtype='int8' not supported"),
+        ({"dtype": np.int32}, "dtype=int32 not supported"),
+        ({"device": "tpu"}, "device='tpu' not understood"),
+        ({"device": "cuda:x"}, "not understood"),
+        ({"budget_chunks": 0}, "holds no chunk"),
+        ({"slots": 1 << 20, "max_tokens": (1 << 31) - 1}, "reservation would be"),
     ],
 )
 def test_bad_spec(kwargs, match):
@@ -375,8 +383,8 @@ def test_chunk_too_large():
         KVStore(97, 1, 127, "bfloat16", 1, 10, 1 << 40)
 
 
-def test_bad_calls():
-    with make(max_tokens=1000) as s:
+def test_bad_calls(device):
+    with make(device=device, max_tokens=1000) as s:
         with pytest.raises(ValueError, match=r"slot=4 out of range \[0, 3\]"):
             s.reserve(4, 1)
         with pytest.raises(ValueError, match=r"slot=-1 out of range"):

@@ -37,6 +37,7 @@ struct Driver {
   decltype(&::cuMemMap) MemMap = nullptr;
   decltype(&::cuMemUnmap) MemUnmap = nullptr;
   decltype(&::cuMemSetAccess) MemSetAccess = nullptr;
+  decltype(&::cuMemGetInfo) MemGetInfo = nullptr;
   std::string error;  // why loading failed; empty when every entry point resolved
 };
 
@@ -76,7 +77,8 @@ const Driver& driver() {
               resolve("cuMemAddressFree", &d.MemAddressFree, &e) &&
               resolve("cuMemMap", &d.MemMap, &e) &&
               resolve("cuMemUnmap", &d.MemUnmap, &e) &&
-              resolve("cuMemSetAccess", &d.MemSetAccess, &e);
+              resolve("cuMemSetAccess", &d.MemSetAccess, &e) &&
+              resolve("cuMemGetInfo", &d.MemGetInfo, &e);
     if (ok) {
       const CUresult rc = d.Init(0);
       int count = 0;
@@ -226,6 +228,22 @@ class CudaBackend final : public Backend {
 
 std::unique_ptr<Backend> make_cuda_backend(int32_t device) {
   return std::make_unique<CudaBackend>(device);
+}
+
+void cuda_mem_info(int32_t device, int64_t* free_bytes, int64_t* total_bytes) {
+  const Driver& d = driver();
+  if (!d.error.empty()) throw std::runtime_error("CUDA backend unavailable: " + d.error);
+  CUdevice dev = 0;
+  CUcontext ctx = nullptr;
+  check(d.DeviceGet(&dev, device), "cuDeviceGet");
+  check(d.DevicePrimaryCtxRetain(&ctx, dev), "cuDevicePrimaryCtxRetain");
+  size_t free = 0, total = 0;
+  CUresult rc = d.CtxSetCurrent(ctx);
+  if (rc == CUDA_SUCCESS) rc = d.MemGetInfo(&free, &total);
+  d.DevicePrimaryCtxRelease(dev);
+  check(rc, "cuMemGetInfo");
+  *free_bytes = static_cast<int64_t>(free);
+  *total_bytes = static_cast<int64_t>(total);
 }
 
 bool cuda_backend_available(std::string* why) {
