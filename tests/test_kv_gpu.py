@@ -50,6 +50,8 @@ def free_device_bytes() -> int:
         from cuda.bindings import driver
     except ImportError:
         return _native._cuda_mem_info(0)[0]
+    (err,) = driver.cuInit(0)
+    assert err == driver.CUresult.CUDA_SUCCESS, err
     err, dev = driver.cuDeviceGet(0)
     assert err == driver.CUresult.CUDA_SUCCESS, err
     err, ctx = driver.cuDevicePrimaryCtxRetain(dev)
