@@ -1,0 +1,342 @@
+"""Scheduler: continuous batching over KV slots, chunked prefill, preemption, KV retention.
+
+It owns the waiting and running queues and every KV-store call that changes a slot (reserve,
+share, release, fence, retire). Each step packs one decode token of every decoding sequence and
+prefill chunks within the token budget. When the physical budget runs out it first evicts
+retained slots (finished sequences kept for sessions and prefix sharing, least recently used
+first), then preempts the youngest running sequence, which is recomputed later.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import itertools
+
+from jvt.kv import KVCacheFull
+from jvt.prefix import PrefixIndex
+from jvt.types import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_arrival = itertools.count()
+
+
+class Sequence:
+    """The state of one request: its tokens, its slot and how much of its KV is computed.
+
+    tokens holds the prompt and every generated token the host has read back; ``pending`` counts
+    tokens sampled by enqueued steps and not read back yet (at most one with one-step lag).
+    Positions [0, num_computed) of the slot hold (or are being given) the KV of the sequence.
+    """
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 seed: int, owner: object | None = None):
+        self.request_id = request_id
+        self.tokens = list(prompt_ids)
+        self.num_prompt = len(prompt_ids)
+        self.params = params
+        self.seed = seed
+        self.owner = owner  # a Session keeping this slot between turns, or None
+        self.order = next(_arrival)  # age: smaller is older
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.slot: int | None = None
+        self.num_computed = 0
+        self.pending = 0
+        self.prefix_reused = 0
+        self.num_preemptions = 0
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+    @property
+    def kv_valid(self) -> int:
+        """Positions whose KV belongs to host-known tokens."""
+        return min(self.num_computed, len(self.tokens))
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.value}, slot={self.slot}, "
+                f"len={len(self.tokens)}+{self.pending}, computed={self.num_computed})")
+
+
+@dataclasses.dataclass
+class Entry:
+    """One sequence's rows in a step: n tokens at positions [start, start + n)."""
+
+    seq: Sequence
+    start: int
+    tokens: list[int]  # host token ids of the rows; empty for a decode row fed on device
+    samples: bool  # the last row's sampled token is kept (end of prefill, or decode)
+    counter: int  # index among the outputs of the token this entry samples
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens) or 1
+
+    @property
+    def from_device(self) -> bool:
+        return not self.tokens
+
+
+@dataclasses.dataclass
+class StepPlan:
+    entries: list[Entry]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.n for e in self.entries)
+
+
+@dataclasses.dataclass
+class Retained:
+    """A finished sequence's slot kept for a later turn (owner) or for prefix sharing."""
+
+    tokens: list[int]  # the KV of tokens[:len(tokens)] is in the slot
+    owner: object | None
+
+
+class Scheduler:
+    """Decides each step's work and keeps the KV store's slots consistent with it.
+
+    Args:
+      store: the KV store (reserve/share/release/fence/retire; raises KVCacheFull).
+      max_num_seqs: slots. max_num_batched_tokens: tokens per step. prefill_chunk: most prompt
+      tokens of one sequence per step. max_model_len: total tokens of a sequence.
+      enable_prefix_sharing: share chunk-aligned prompt prefixes between slots and keep finished
+      sequences' slots around for it.
+    """
+
+    def __init__(self, store, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefill_chunk: int, max_model_len: int, enable_prefix_sharing: bool):
+        self.store = store
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_chunk = prefill_chunk
+        self.max_model_len = max_model_len
+        self.enable_prefix_sharing = enable_prefix_sharing
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # oldest first
+        self.retained: collections.OrderedDict[int, Retained] = collections.OrderedDict()  # LRU
+        self.free_slots: list[int] = list(range(max_num_seqs - 1, -1, -1))
+        self.draining: list[tuple[int, int]] = []  # (fence step at release, slot)
+        self.shared_upto = [0] * max_num_seqs  # tokens shared into or out of each slot
+        self.index = PrefixIndex(store.tokens_per_chunk)
+        self.fence_step = -1
+        self.retired_step = -1
+        self.num_preemptions = 0
+
+    # -- requests ------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End ``seq`` (stop, length or abort); its slot is retained or released."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq.slot is None:
+            return
+        slot, seq.slot = seq.slot, None
+        keep = seq.owner is not None or self.enable_prefix_sharing
+        if keep and reason != "abort" and seq.kv_valid > 0:
+            self.index.truncate(slot, seq.kv_valid)
+            self.retained[slot] = Retained(seq.tokens[:seq.kv_valid], seq.owner)
+        else:
+            self._release(slot)
+
+    def forget(self, owner: object) -> None:
+        """Release the retained slot of ``owner`` (a closed session), if any."""
+        for slot, r in list(self.retained.items()):
+            if r.owner is owner:
+                del self.retained[slot]
+                self._release(slot)
+
+    # -- fence / retire ------------------------------------------------------------------
+
+    def fence(self, step: int) -> None:
+        """Step ``step`` was enqueued on the device."""
+        self.fence_step = step
+        self.store.fence(step)
+
+    def retire(self, step: int) -> None:
+        """Every step <= ``step`` finished on the device: drained slots become free."""
+        self.retired_step = step
+        self.store.retire(step)
+        still = []
+        for fence, slot in self.draining:
+            if fence <= step:
+                self.free_slots.append(slot)
+            else:
+                still.append((fence, slot))
+        self.draining = still
+
+    def _release(self, slot: int) -> None:
+        self.store.release(slot)
+        self.index.drop(slot)
+        self.shared_upto[slot] = 0
+        if self.retired_step >= self.fence_step:
+            self.free_slots.append(slot)
+        else:
+            self.draining.append((self.fence_step, slot))
+
+    # -- scheduling ----------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan | None:
+        """The next step's entries, or None when nothing can run now."""
+        for seq in self.running:  # KV enqueued by earlier steps may be shared from now on
+            if self.enable_prefix_sharing:
+                self.index.register(seq.slot, seq.tokens, seq.kv_valid)
+        entries: list[Entry] = []
+        budget = self.max_num_batched_tokens
+        preempted = False
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted below to make room
+                continue
+            entry = self._next_entry(seq, budget)
+            if entry is None:
+                continue
+            fits = self._reserve(seq.slot, entry.start + entry.n)
+            while not fits and not self.draining:
+                # Released chunks still draining come back within a step: wait for them
+                # rather than preempt. Otherwise the youngest running sequence gives way.
+                victim = self.running[-1]  # running is kept oldest first
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+                fits = self._reserve(seq.slot, entry.start + entry.n)
+            if fits:
+                entries.append(entry)
+                budget -= entry.n
+        if not preempted:
+            self._admit(entries, budget)
+        for e in entries:
+            e.seq.num_computed = e.start + e.n
+            if e.samples:
+                e.seq.pending += 1
+        return StepPlan(entries) if entries else None
+
+    def _next_entry(self, seq: Sequence, budget: int) -> Entry | None:
+        known = len(seq.tokens)
+        if seq.num_computed < known:  # prefill (or recompute after preemption)
+            n = min(known - seq.num_computed, self.prefill_chunk, budget)
+            start = seq.num_computed
+            return Entry(seq, start, seq.tokens[start:start + n], start + n == known,
+                         seq.num_output)
+        # Decode: the input is the token sampled by the step in flight, taken on the device.
+        # Nothing to do when that token is the last one (finishing is the engine's job).
+        total = known + seq.pending
+        if (not seq.pending or seq.num_output + seq.pending >= seq.params.max_tokens
+                or total >= self.max_model_len):
+            return None
+        return Entry(seq, known, [], True, seq.num_output + seq.pending)
+
+    def _admit(self, entries: list[Entry], budget: int) -> None:
+        skipped = []
+        while self.waiting and budget > 0 and len(entries) < self.max_num_seqs:
+            seq = self.waiting.popleft()
+            if seq.pending or not self._place(seq):
+                skipped.append(seq)
+                if not seq.pending:
+                    break  # FIFO: no younger request overtakes one that does not fit
+                continue
+            entry = self._next_entry(seq, budget)
+            if not self._reserve(seq.slot, entry.start + entry.n):
+                self._unplace(seq)
+                skipped.append(seq)
+                break
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            entries.append(entry)
+            budget -= entry.n
+        self.waiting.extendleft(reversed(skipped))
+        self.running.sort(key=lambda s: s.order)
+
+    def _place(self, seq: Sequence) -> bool:
+        """Give ``seq`` a slot: its owner's retained slot, else a free one (evicting LRU)."""
+        for slot, r in self.retained.items():
+            if seq.owner is not None and r.owner is seq.owner:
+                del self.retained[slot]
+                reuse = _common_prefix(r.tokens, seq.tokens, len(seq.tokens) - 1)
+                if reuse >= self.shared_upto[slot]:  # rewriting from there spares shared chunks
+                    self.index.truncate(slot, reuse)
+                    seq.slot, seq.num_computed, seq.prefix_reused = slot, reuse, reuse
+                    return True
+                self._release(slot)
+                break
+        if not self.free_slots and self.retained:
+            self._release(self.retained.popitem(last=False)[0])
+        if not self.free_slots:
+            return False
+        seq.slot = self.free_slots.pop()
+        seq.num_computed = 0
+        if self.enable_prefix_sharing:
+            src, n = self.index.longest(seq.tokens, len(seq.tokens) - 1, exclude=seq.slot)
+            if src is not None:
+                shared = self.store.share(seq.slot, src, n)
+                seq.num_computed = seq.prefix_reused = shared
+                self.shared_upto[seq.slot] = shared
+                self.shared_upto[src] = max(self.shared_upto[src], shared)
+                if src in self.retained:
+                    self.retained.move_to_end(src)
+        return True
+
+    def _unplace(self, seq: Sequence) -> None:
+        slot, seq.slot = seq.slot, None
+        seq.num_computed = 0
+        self._release(slot)
+
+    def _reserve(self, slot: int, n_tokens: int) -> bool:
+        """Reserve, evicting retained slots (LRU) while the budget is short; False if still."""
+        while True:
+            try:
+                self.store.reserve(slot, n_tokens)
+                return True
+            except KVCacheFull:
+                if not self.retained:
+                    return False
+                self._release(self.retained.popitem(last=False)[0])
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free the slot of running ``seq``; it waits at the head and recomputes its KV."""
+        self.running.remove(seq)
+        slot, seq.slot = seq.slot, None
+        self._release(slot)
+        seq.status = Status.WAITING
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def evict_all_retained(self) -> bool:
+        """Release every retained slot; True if there was any (a stuck scheduler's last resort)."""
+        had = bool(self.retained)
+        while self.retained:
+            self._release(self.retained.popitem(last=False)[0])
+        return had
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
