@@ -183,9 +183,12 @@ class Report:
         self.skips.append({"section": section, "what": what, "reason": reason})
 
     def headline_row(self, bench: str, metric: str, jvt: float, baseline: str, value: float,
-                     higher_is_better: bool) -> None:
-        """One line of the final table; the ratio is > 1 when jvt is better."""
-        ratio = (jvt / value if higher_is_better else value / jvt) if jvt and value else math.nan
+                     higher_is_better: bool | None) -> None:
+        """One line of the final table; the ratio is > 1 when jvt is better (no ratio when
+        higher_is_better is None: the baseline is a control, not a competitor)."""
+        ratio = math.nan
+        if higher_is_better is not None and jvt > 0 and value > 0:
+            ratio = jvt / value if higher_is_better else value / jvt
         self.headline.add(bench, metric, jvt, baseline, value, ratio)
 
     def write(self) -> str:
