@@ -16,6 +16,7 @@ from jvt.types import AttnMeta
 
 TARGET = "jvt_attention"
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+_CUDA_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _CUDA_HEAD_DIMS = (64, 128)
 _CPU_MAX_HEAD_DIM = 256
 
@@ -86,13 +87,16 @@ def _check_args(q, k, v, meta: AttnMeta, store_id, layer, scale) -> None:
         raise ValueError(f"meta.positions must have T = {t} entries, got {meta.positions.shape[0]}")
     for name, x in (("store_id", store_id), ("layer", layer)):
         if not isinstance(x, (int, np.integer)) or isinstance(x, bool):
-            raise ValueError(f"{name} must be a Python int (a static attribute), got {x!r}")
+            raise TypeError(f"{name} must be a Python int (a static attribute), got {x!r}")
     if not isinstance(scale, (float, int, np.floating)) or isinstance(scale, bool):
-        raise ValueError(f"scale must be a Python float (a static attribute), got {scale!r}")
+        raise TypeError(f"scale must be a Python float (a static attribute), got {scale!r}")
     spec = _store_spec(int(store_id))
     if spec["device"] >= 0:
         if d not in _CUDA_HEAD_DIMS:
             raise ValueError(f"head_dim {d} is not supported on CUDA (supported: {_CUDA_HEAD_DIMS})")
+        if q.dtype not in _CUDA_DTYPES:
+            raise ValueError(f"q/k/v dtype {q.dtype} is not supported on CUDA "
+                             "(supported: bfloat16, float16)")
     elif d % 8 != 0 or not 0 < d <= _CPU_MAX_HEAD_DIM:
         raise ValueError(f"head_dim {d} is not supported on the CPU (multiples of 8 up to "
                          f"{_CPU_MAX_HEAD_DIM})")
@@ -122,8 +126,9 @@ def attention(q, k, v, meta: AttnMeta, *, store_id: int, layer: int, scale: floa
     and the store's error flag is set; `KVStore.check()` raises.
 
     Args:
-      q: [T, Hq, D] queries; k, v: [T, Hkv, D] this step's keys and values; one dtype among
-        bfloat16, float16, float32, equal to the store's.
+      q: [T, Hq, D] queries; k, v: [T, Hkv, D] this step's keys and values; one dtype, equal
+        to the store's: bfloat16, float16 or (CPU only) float32. D: 64 or 128 on CUDA, a
+        multiple of 8 up to 256 on the CPU.
       meta: int32 metadata, see jvt.types.AttnMeta (positions is not read by the op).
       store_id: the store's registry id (`KVStore.store_id`), a static attribute.
       layer: decoder layer in [0, layers), static.

@@ -325,9 +325,9 @@ def test_reference_step_scatters_then_attends():
 def _args(store, t=4, s=2, dtype=jnp.float32, hq=Q_HEADS, hkv=KV_HEADS, d=HEAD_DIM):
     meta = AttnMeta(positions=jnp.zeros(t, jnp.int32), seq_start=jnp.zeros(s + 1, jnp.int32),
                     seq_slot=jnp.zeros(s, jnp.int32), seq_len=jnp.zeros(s, jnp.int32))
-    return dict(q=jnp.ones((t, hq, d), dtype), k=jnp.ones((t, hkv, d), dtype),
-                v=jnp.ones((t, hkv, d), dtype), meta=meta, store_id=store.store_id, layer=0,
-                scale=SCALE)
+    return {"q": jnp.ones((t, hq, d), dtype), "k": jnp.ones((t, hkv, d), dtype),
+            "v": jnp.ones((t, hkv, d), dtype), "meta": meta, "store_id": store.store_id,
+            "layer": 0, "scale": SCALE}
 
 
 def _replace_meta(args, **fields):
@@ -352,7 +352,6 @@ BAD_ARGS = {
     "seq_len": (lambda a: _replace_meta(a, seq_len=jnp.zeros(3, jnp.int32)), "meta.seq_len has"),
     "positions": (lambda a: _replace_meta(a, positions=jnp.zeros(5, jnp.int32)), "T = 4"),
     "layer": (lambda a: a.update(layer=LAYERS), "layer 64 outside"),
-    "traced layer": (lambda a: a.update(layer=jnp.int32(0)), "layer must be a Python int"),
     "store_id": (lambda a: a.update(store_id=10**6), "not a registered KV store"),
 }
 
@@ -364,6 +363,15 @@ def test_trace_time_value_errors(case):
         args = _args(store)
         mutate(args)
         with pytest.raises(ValueError, match=re.escape(message)):
+            ops.attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("meta"), **args)
+
+
+@pytest.mark.parametrize("attr, value", [("layer", jnp.int32(0)), ("store_id", 1.0),
+                                         ("scale", jnp.float32(0.125))])
+def test_attributes_must_be_static_python_numbers(attr, value):
+    with make_store(jnp.float32) as store:
+        args = {**_args(store), attr: value}
+        with pytest.raises(TypeError, match=f"{attr} must be a Python"):
             ops.attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("meta"), **args)
 
 
