@@ -1,0 +1,386 @@
+"""Engine: the public entry point (generate, stream, chat, sessions, abort, stats).
+
+The loop is nano-vllm's schedule -> run -> postprocess, with mini-sglang's overlap: step N is
+enqueued on the device before the host reads back step N-1's tokens, so detokenization, stop
+checks and the next schedule run while the device computes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+from collections.abc import Iterator
+
+import jax
+from tqdm import tqdm
+
+from jvt import models
+from jvt.config import make_config
+from jvt.kv import KVStore
+from jvt.runner import Runner
+from jvt.scheduler import Scheduler, Sequence, Status
+from jvt.session import Session
+from jvt.types import Logprob, RequestMetrics, RequestOutput, SamplingParams, StreamDelta
+
+Prompt = str | list[int]
+_GRANULARITY = 2 << 20  # physical allocation granularity the default budget is rounded to
+
+
+class _Request:
+    """Engine-side bookkeeping of one request: its sequence plus output text and metrics."""
+
+    def __init__(self, seq: Sequence, prompt: str | None, metrics: RequestMetrics):
+        self.seq = seq
+        self.prompt = prompt
+        self.metrics = metrics
+        self.text = ""  # the output text (trimmed at a stop string once matched)
+        self.logprobs: list[Logprob] | None = [] if seq.params.logprobs is not None else None
+        self.streamed_text = 0  # characters of text already given to a stream
+        self.streamed_tokens = 0
+        self.stream_done = False  # the final delta was given
+
+    @property
+    def finished(self) -> bool:
+        return self.seq.status is Status.FINISHED
+
+    def output(self) -> RequestOutput:
+        seq = self.seq
+        self.metrics.prefix_tokens_reused = seq.prefix_reused
+        self.metrics.num_preemptions = seq.num_preemptions
+        return RequestOutput(seq.request_id, self.prompt, seq.tokens[:seq.num_prompt], self.text,
+                             seq.tokens[seq.num_prompt:], seq.finish_reason, self.metrics,
+                             self.logprobs)
+
+
+class Engine:
+    """An LLM engine over a KV store in virtual memory.
+
+    Args:
+      model: a preset name ("tiny", "llama-3.2-1b", "llama-3-8b"), a local Hugging Face
+        checkpoint directory, or a loaded ``jvt.models.Model``.
+      **config: ``jvt.config.EngineConfig`` fields (unknown names or bad values: ValueError).
+    """
+
+    def __init__(self, model: str | models.Model, **config):
+        self.config = cfg = make_config(**config)
+        self.device = _jax_device(cfg.device, cfg.xla_mem_fraction)
+        if isinstance(model, models.Model):
+            if cfg.dtype not in (None, model.config.dtype):
+                raise ValueError(f"dtype={cfg.dtype!r} differs from the loaded model's "
+                                 f"{model.config.dtype!r}; load the model with that dtype")
+            self.model = model
+        elif isinstance(model, str):
+            self.model = models.load(model, dtype=cfg.dtype)
+        else:
+            raise ValueError(f"model must be a preset name, a checkpoint directory or a "
+                             f"jvt.models.Model, got {type(model).__name__}")
+        mc = self.model.config
+        self.tokenizer = self.model.tokenizer
+        token_bytes = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * \
+            jax.numpy.dtype(mc.jnp_dtype).itemsize
+        chunk = math.lcm(_GRANULARITY, token_bytes)
+        budget = cfg.kv_budget_bytes or cfg.max_num_seqs * chunk * math.ceil(
+            cfg.max_model_len * token_bytes / chunk)
+        store_device = "cpu" if cfg.device == "cpu" else f"cuda:{self.device.id}"
+        self.store = KVStore(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype,
+                             cfg.max_num_seqs, cfg.max_model_len, budget, store_device)
+        self.scheduler = Scheduler(
+            self.store, max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens, prefill_chunk=cfg.prefill_chunk,
+            max_model_len=cfg.max_model_len, enable_prefix_sharing=cfg.enable_prefix_sharing)
+        self.runner = Runner(self.model.params, mc, self.store, token_buckets=cfg.token_buckets,
+                             seq_buckets=cfg.seq_buckets, device=self.device)
+        self.runner.warmup()
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._step_id = -1
+        self._inflight = None  # (step id, plan, device results) of the step not yet read back
+        self._stalled = 0  # consecutive idle steps with work queued
+
+    # -- public API ----------------------------------------------------------------------
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for one prompt or a list (str or token ids); outputs in prompt order.
+
+        sampling_params: one for all prompts, one per prompt, or None (SamplingParams()).
+        Every prompt is validated before any is queued (ValueError naming the problem).
+        """
+        if isinstance(prompts, str) or _is_token_list(prompts):
+            prompts = [prompts]
+        if not isinstance(prompts, list) or not prompts:
+            raise ValueError("prompts must be a str, a list of token ids, or a non-empty list "
+                             f"of those; got {type(prompts).__name__}")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} "
+                             "prompts (give one, or one per prompt)")
+        checked = [self._check(p, sp, f"prompts[{i}]")
+                   for i, (p, sp) in enumerate(zip(prompts, sampling_params))]
+        reqs = [self._add(ids, text, sp) for ids, text, sp in checked]
+        return [r.output() for r in self._run(reqs, use_tqdm)]
+
+    def _run(self, reqs: list[_Request], use_tqdm: bool = False) -> list[_Request]:
+        """Step until every request in ``reqs`` is finished, then forget them."""
+        try:
+            with tqdm(total=len(reqs), disable=not use_tqdm, desc="generate") as bar:
+                while not all(r.finished for r in reqs):
+                    self.step()
+                    bar.update(sum(r.finished for r in reqs) - bar.n)
+        finally:
+            for r in reqs:
+                if not r.finished:
+                    self.abort(r.seq.request_id)
+                self._requests.pop(r.seq.request_id, None)
+        self._flush()
+        return reqs
+
+    def _flush(self) -> None:
+        """With nothing queued, read back the last step so finished slots retire now."""
+        while self._inflight is not None and not self.scheduler.has_work():
+            self.step()
+
+    def free_cache(self) -> None:
+        """Release every retained slot (finished requests and idle sessions keep theirs for
+        reuse); sessions recompute their history on their next turn."""
+        self.scheduler.evict_all_retained()
+        self._flush()
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+               *, _owner: object | None = None) -> Iterator[StreamDelta]:
+        """Generate for one prompt, yielding text and token deltas as they are read back.
+
+        Closing the iterator early aborts the request.
+        """
+        ids, text, sp = self._check(prompt, sampling_params or SamplingParams(), "prompt")
+        req = self._add(ids, text, sp, owner=_owner)
+        try:
+            while True:
+                delta = self._delta(req)
+                if delta is not None:
+                    yield delta
+                if req.stream_done:
+                    return
+                self.step()
+        finally:
+            if not req.finished:
+                self.abort(req.seq.request_id)
+            self._requests.pop(req.seq.request_id, None)
+            self._flush()
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None
+             ) -> RequestOutput:
+        """One assistant reply to ``messages`` (dicts with 'role' and 'content')."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate([ids], sampling_params, use_tqdm=False)[0]
+
+    def session(self, system: str | None = None) -> Session:
+        """A multi-turn conversation that keeps its KV cache between turns."""
+        return Session(self, system)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a queued or running request (finish_reason "abort"); False if unknown/done."""
+        req = self._requests.get(request_id)
+        if req is None or req.finished:
+            return False
+        self.scheduler.finish(req.seq, "abort")
+        req.text = self._decode(req)
+        req.metrics.finished_time = time.perf_counter()
+        return True
+
+    def stats(self) -> dict:
+        """KV memory (mapped vs used bytes, chunks), slots and queue lengths."""
+        kv = self.store.stats()
+        sched = self.scheduler
+        used = sum(s.kv_valid for s in sched.running) + sum(len(r.tokens)
+                                                            for r in sched.retained.values())
+        return {
+            "kv_mapped_bytes": kv.mapped_bytes,
+            "kv_used_bytes": used * self.store.token_bytes,
+            "kv_budget_bytes": self.store.budget_chunks * self.store.chunk_bytes,
+            "chunk_bytes": self.store.chunk_bytes,
+            "tokens_per_chunk": self.store.tokens_per_chunk,
+            "chunks_in_use": kv.chunks_in_use,
+            "chunks_shared": kv.chunks_shared,
+            "chunks_created": kv.chunks_created,
+            "slots": self.store.slots,
+            "slots_free": len(sched.free_slots),
+            "slots_running": len(sched.running),
+            "slots_retained": len(sched.retained),
+            "slots_draining": len(sched.draining),
+            "waiting": len(sched.waiting),
+            "running": len(sched.running),
+            "preemptions": sched.num_preemptions,
+            "compiles": self.runner.num_compiles,
+        }
+
+    def close(self) -> None:
+        """Finish in-flight work and free the KV store."""
+        while self._inflight is not None:
+            self.step()
+        self.store.close()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One iteration: schedule and enqueue step N, then read back and process step N-1."""
+        plan = self.scheduler.schedule()
+        launched = None
+        if plan is not None:
+            result = self.runner.launch(plan)
+            self._step_id += 1
+            self.scheduler.fence(self._step_id)
+            launched = (self._step_id, plan, result)
+        if self._inflight is not None:
+            step, prev_plan, prev_result = self._inflight
+            host = self.runner.collect(prev_result)
+            self.store.check()
+            self.scheduler.retire(step)
+            self._postprocess(prev_plan, host)
+        elif plan is None and self.scheduler.has_work():
+            # A step may only preempt; one that stays idle with nothing in flight is stuck.
+            self._stalled += 1
+            if self._stalled > 2:
+                raise RuntimeError(f"the scheduler cannot place any request: {self.stats()}")
+        if plan is not None:
+            self._stalled = 0
+        self._inflight = launched
+
+    def _postprocess(self, plan, host) -> None:
+        now = time.perf_counter()
+        for i, entry in enumerate(plan.entries):
+            if not entry.samples:
+                continue
+            seq = entry.seq
+            seq.pending -= 1
+            req = self._requests.get(seq.request_id)
+            if req is None or seq.status is Status.FINISHED:
+                continue
+            token = int(host.tokens[i])
+            seq.tokens.append(token)
+            req.metrics.token_times.append(now)
+            if req.logprobs is not None:
+                k = seq.params.logprobs
+                top = {int(t): float(lp) for t, lp in zip(host.top_ids[i][:k],
+                                                          host.top_logprobs[i][:k])}
+                req.logprobs.append(Logprob(token, float(host.logprob[i]), top))
+            reason = self._finish_reason(req, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                req.metrics.finished_time = now
+
+    def _finish_reason(self, req: _Request, token: int) -> str | None:
+        seq, params = req.seq, req.seq.params
+        before = len(req.text)
+        req.text = self._decode(req)
+        for stop in params.stop:
+            at = req.text.find(stop, max(0, before - len(stop)))
+            if at >= 0:
+                req.text = req.text[:at]
+                return "stop"
+        if token in params.stop_token_ids or (
+                not params.ignore_eos and token in self.tokenizer.eos_ids):
+            return "stop"
+        if seq.num_output >= params.max_tokens or len(seq.tokens) >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def _decode(self, req: _Request) -> str:
+        return self.tokenizer.decode(req.seq.tokens[req.seq.num_prompt:])
+
+    def _delta(self, req: _Request) -> StreamDelta | None:
+        """What ``req`` produced since its last delta; None when nothing new yet or done."""
+        if req.stream_done:
+            return None
+        tokens = req.seq.tokens[req.seq.num_prompt + req.streamed_tokens:]
+        end = len(req.text)
+        if not req.finished:
+            # Hold back what may still turn into a stop string or complete a UTF-8 character.
+            end -= max((len(s) - 1 for s in req.seq.params.stop), default=0)
+            while end > req.streamed_text and req.text[end - 1] == "\ufffd":
+                end -= 1
+        text = req.text[req.streamed_text:end] if end > req.streamed_text else ""
+        if not req.finished and not tokens and not text:
+            return None
+        req.streamed_tokens += len(tokens)
+        req.streamed_text += len(text)
+        req.stream_done = req.finished
+        return StreamDelta(req.seq.request_id, text, tokens, req.seq.finish_reason)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _check(self, prompt, params, name: str) -> tuple[list[int], str | None, SamplingParams]:
+        """Validate one prompt and its params; (token ids, prompt text or None, params)."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params for {name} must be a jvt.SamplingParams, got "
+                             f"{type(params).__name__}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(f"{name} is an empty string")
+            text = prompt
+            ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_id is not None)
+        elif _is_token_list(prompt):
+            text, ids = None, list(prompt)
+        else:
+            raise ValueError(f"{name} must be a str or a list of int token ids, got "
+                             f"{type(prompt).__name__}")
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise ValueError(f"{name} has no tokens")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{name} has token ids outside [0, {vocab}): {bad[:5]}")
+        limit = self.config.max_model_len
+        if len(ids) >= limit:
+            raise ValueError(f"{name} has {len(ids)} tokens; max_model_len={limit} leaves room "
+                             f"for prompts of at most {limit - 1}")
+        need = math.ceil(min(len(ids) + params.max_tokens, limit) / self.store.tokens_per_chunk)
+        if need > self.store.budget_chunks:
+            raise ValueError(
+                f"{name} needs {need} KV chunks for its prompt plus max_tokens, more than the "
+                f"whole budget ({self.store.budget_chunks} chunks of "
+                f"{self.store.chunk_bytes} bytes): raise kv_budget_bytes or lower max_tokens")
+        return ids, text, params
+
+    def _add(self, ids: list[int], text: str | None, params: SamplingParams,
+             owner: object | None = None) -> _Request:
+        number = next(self._ids)
+        seed = params.seed if params.seed is not None else \
+            (self.config.seed * 1_000_003 + number) % 2**32
+        seq = Sequence(str(number), ids, params, seed, owner)
+        req = _Request(seq, text, RequestMetrics(time.perf_counter(), prompt_tokens=len(ids)))
+        self._requests[seq.request_id] = req
+        self.scheduler.add(seq)
+        return req
+
+    def request(self, request_id: str) -> RequestOutput | None:
+        """The current state of a queued or running request (None once returned/unknown)."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        req.metrics.prefix_tokens_reused = req.seq.prefix_reused
+        return req.output()
+
+
+def _is_token_list(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _jax_device(device: str, xla_mem_fraction: float) -> jax.Device:
+    if device == "cpu":
+        return jax.devices("cpu")[0]
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        # KV chunks are mapped outside XLA's pool: keep XLA from preallocating most memory.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(xla_mem_fraction))
+    index = int(device.partition(":")[2] or 0)
+    gpus = jax.devices("gpu")
+    if index >= len(gpus):
+        raise ValueError(f"device={device!r} but JAX sees {len(gpus)} GPU(s)")
+    return gpus[index]

@@ -1,0 +1,135 @@
+"""Runner: turns a StepPlan into bucket-shaped device arrays and runs the compiled step.
+
+Every (T, S) bucket pair is compiled ahead of time by ``warmup()``; a step pads its plan to the
+smallest pair that holds it, so sequences growing never recompile anything (the KV cache lives
+outside XLA). The step keeps the last sampled token of every slot on the device
+(``last_tokens`` [slots]); a decode row of step N takes its input from there, so step N can be
+enqueued before the host has read step N-1's tokens (one-step lag).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jvt.models import llama
+from jvt.sampling import SampleResult, SamplingArrays, sample
+from jvt.scheduler import StepPlan
+from jvt.types import AttnMeta
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """One step's packed rows (T = token bucket, S = sequence bucket)."""
+
+    tokens: jax.Array  # [T] int32 host-known input ids (0 for padding and device-fed rows)
+    prev_slot: jax.Array  # [T] int32 slot whose last sampled token is this row's input, or -1
+    meta: AttnMeta  # positions [T], seq_start [S+1], seq_slot [S], seq_len [S]
+    keep: jax.Array  # [S] bool: entry's sample is kept (stored into last_tokens)
+    sampling: SamplingArrays  # [S] per-entry sampling parameters
+
+
+def _step(params, last_tokens, inputs: StepInputs, *, config, store_id):
+    prev = last_tokens[jnp.maximum(inputs.prev_slot, 0)]
+    tokens = jnp.where(inputs.prev_slot >= 0, prev, inputs.tokens)
+    hidden = llama.forward(params, tokens, inputs.meta, config=config, store_id=store_id)
+    last_rows = jnp.maximum(inputs.meta.seq_start[1:] - 1, 0)  # [S] each entry's last row
+    logits = llama.logits(params, hidden[last_rows], config=config)
+    result = sample(logits, inputs.sampling)
+    slots = last_tokens.shape[0]
+    target = jnp.where(inputs.keep, inputs.meta.seq_slot, slots)  # out of range: dropped
+    last_tokens = last_tokens.at[target].set(result.tokens, mode="drop")
+    return last_tokens, result
+
+
+class Runner:
+    """Owns the compiled step functions, the device copy of the weights and last_tokens.
+
+    Args:
+      params, config: the model (jvt.models.Model fields). store: the KV store of the model.
+      token_buckets, seq_buckets: the step shapes. device: the jax.Device to run on.
+    """
+
+    def __init__(self, params, config, store, *, token_buckets, seq_buckets, device):
+        self.config = config
+        self.store = store
+        self.device = device
+        self.token_buckets = tuple(token_buckets)
+        self.seq_buckets = tuple(seq_buckets)
+        self.params = jax.device_put(params, device)
+        self.last_tokens = jax.device_put(np.zeros(store.slots, np.int32), device)
+        self._step = jax.jit(functools.partial(_step, config=config, store_id=store.store_id),
+                             donate_argnums=1)
+        self.compiled: dict[tuple[int, int], object] = {}
+        self.num_compiles = 0
+
+    def shapes(self) -> list[tuple[int, int]]:
+        return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+
+    def warmup(self) -> None:
+        """Compile every (T, S) bucket pair now, so that no step ever compiles."""
+        for shape in self.shapes():
+            self._compile(*shape)
+
+    def _compile(self, t: int, s: int):
+        if (t, s) not in self.compiled:
+            inputs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                  _pack(None, t, s))
+            self.compiled[(t, s)] = self._step.lower(self.params, self.last_tokens,
+                                                     inputs).compile()
+            self.num_compiles += 1
+        return self.compiled[(t, s)]
+
+    def bucket(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
+        """The smallest compiled (T, S) holding a step of that many tokens and sequences."""
+        s = next((b for b in self.seq_buckets if b >= num_seqs), None)
+        t = next((b for b in self.token_buckets if b >= max(num_tokens, s or 0)), None)
+        if t is None or s is None:
+            raise ValueError(f"a step of {num_tokens} tokens and {num_seqs} sequences exceeds "
+                             f"the largest bucket ({self.token_buckets[-1]}, "
+                             f"{self.seq_buckets[-1]})")
+        return t, s
+
+    def launch(self, plan: StepPlan) -> SampleResult:
+        """Enqueue the step of ``plan``; returns its device results without waiting."""
+        t, s = self.bucket(plan.num_tokens, len(plan.entries))
+        inputs = jax.device_put(_pack(plan, t, s), self.device)
+        self.last_tokens, result = self._compile(t, s)(self.params, self.last_tokens, inputs)
+        return result
+
+    @staticmethod
+    def collect(result: SampleResult) -> SampleResult:
+        """Wait for a launched step and copy its results to host numpy arrays."""
+        return jax.tree.map(np.asarray, result)
+
+
+def _pack(plan: StepPlan | None, t: int, s: int) -> StepInputs:
+    """numpy StepInputs of ``plan`` padded to (t, s); plan None gives an all-padding step."""
+    tokens = np.zeros(t, np.int32)
+    prev_slot = np.full(t, -1, np.int32)
+    positions = np.zeros(t, np.int32)
+    seq_start = np.zeros(s + 1, np.int32)
+    seq_slot = np.full(s, -1, np.int32)
+    seq_len = np.zeros(s, np.int32)
+    keep = np.zeros(s, bool)
+    rows = []
+    entries = plan.entries if plan is not None else []
+    row = 0
+    for i, e in enumerate(entries):
+        if e.from_device:
+            prev_slot[row] = e.seq.slot
+        else:
+            tokens[row:row + e.n] = e.tokens
+        positions[row:row + e.n] = np.arange(e.start, e.start + e.n)
+        row += e.n
+        seq_start[i + 1] = row
+        seq_slot[i], seq_len[i], keep[i] = e.seq.slot, e.start + e.n, e.samples
+        rows.append((e.seq.params, e.seq.seed, e.counter))
+    seq_start[len(entries) + 1:] = row
+    meta = AttnMeta(positions, seq_start, seq_slot, seq_len)
+    return StepInputs(tokens, prev_slot, meta, keep, SamplingArrays.pack(rows, s))
