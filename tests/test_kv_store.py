@@ -414,3 +414,60 @@ def test_bad_calls(device):
             s.read_token(0, 0, 2)
         with pytest.raises(ValueError, match=r"k has shape \(2, 63\)"):
             s.write_token(0, 0, 0, k[:, :63], v)
+
+
+def test_concurrent_apply_pending_while_slots_churn(device):
+    """An FFI-like thread calls apply_pending nonstop while the engine thread reserves, shares,
+    releases and retires; every reserved slot is mapped whenever apply_pending has returned."""
+    import threading
+
+    with make(device=device, slots=6, max_tokens=4096, budget_chunks=12) as s:
+        tpc = s.tokens_per_chunk
+        stop = threading.Event()
+        errors = []
+
+        def handler():
+            try:
+                while not stop.is_set():
+                    s.apply_pending()
+            except Exception as e:  # noqa: BLE001 - reported by the main thread
+                errors.append(e)
+
+        t = threading.Thread(target=handler)
+        t.start()
+        try:
+            rng = np.random.default_rng(0)
+            for step in range(400):
+                s.fence(step)
+                slot = int(rng.integers(6))
+                st = s.stats()
+                if st.draining[slot]:
+                    continue
+                if st.reserved_tokens[slot] and rng.random() < 0.4:
+                    s.release(slot)
+                elif not st.reserved_tokens[slot] and rng.random() < 0.3:
+                    src = int(rng.integers(6))
+                    if src != slot and not st.draining[src]:
+                        s.share(slot, src, st.reserved_tokens[src])
+                else:
+                    try:
+                        s.reserve(slot, int(rng.integers(1, 4 * tpc)))
+                    except KVCacheFull:
+                        pass
+                s.apply_pending()
+                st = s.stats()
+                for i in range(6):
+                    if not st.draining[i]:
+                        assert st.mapped_tokens[i] >= st.reserved_tokens[i]
+                s.retire(max(step - 2, -1))
+        finally:
+            stop.set()
+            t.join()
+        assert not errors
+        for slot in range(6):
+            if not s.stats().draining[slot]:
+                s.release(slot)
+        s.fence(1000)
+        s.retire(1000)
+        st = s.stats()
+        assert st.chunks_in_use == 0 and st.chunks_free == st.chunks_created
