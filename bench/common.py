@@ -170,6 +170,7 @@ class Report:
         self.tables: list[Table] = []
         self.plots: list[Plot] = []
         self.skips: list[dict[str, str]] = []
+        self.shared: dict[str, Any] = {}  # data one part hands to a later one (KV trace)
         self.headline = Table("Headline", ["benchmark", "metric", "jvt", "baseline", "value",
                                            "jvt / baseline"])
 

@@ -117,3 +117,99 @@ def max_concurrent(scheme: str, length: int, budget_bytes: int, shape: KVShape, 
         raise ValueError(f"unknown scheme {scheme!r}; allowed: {SCHEMES}")
     per_seq = seq_bytes(scheme, length, shape, max_len=max_len)
     return (budget_bytes // unit) // (per_seq // unit)
+
+
+# -- the benchmark part: jvt's measured KV memory over the mixed workload, and the schemes ----
+
+def shape_of(config) -> KVShape:
+    import numpy as np
+
+    return KVShape(config.num_layers, config.num_kv_heads, config.head_dim,
+                   np.dtype(config.jnp_dtype).itemsize)
+
+
+def kv_sample(engine) -> dict:
+    """One step's KV state: tokens held per sequence (running and retained), the physical
+    bytes jvt maps (chunks in use x chunk_bytes) and the bytes of those tokens."""
+    st = engine.stats()
+    sched = engine.scheduler
+    lengths = [s.kv_valid for s in sched.running] + [len(r.tokens)
+                                                     for r in sched.retained.values()]
+    return {"lengths": lengths, "mapped": st["chunks_in_use"] * st["chunk_bytes"],
+            "used": st["kv_used_bytes"]}
+
+
+def run(report, smoke: bool) -> None:
+    """KV bytes over the mixed workload's timeline: jvt as measured (engine stats each step)
+    and every scheme computed on the same per-step lengths; then sequences per budget."""
+    from bench.common import CheckError, Plot, log
+
+    trace = report.shared.get("kv_trace")
+    if trace is None:
+        log("memory: no trace from the e2e part; running the mixed workload on jvt")
+        trace = _own_trace(smoke)
+    shape = shape_of(trace["config"])
+    slots, max_len = trace["slots"], trace["max_len"]
+    steps = trace["samples"]
+    lengths = [s["lengths"] for s in steps]
+    chunk = shape.chunk_bytes
+    measured = [s["mapped"] for s in steps]
+    if any(s["used"] != sum(s["lengths"]) * shape.token_bytes for s in steps):
+        raise CheckError("engine stats' kv_used_bytes differ from the sampled lengths x "
+                         "token_bytes: the trace is inconsistent")
+    tl = timeline(lengths, shape, slots=slots, max_len=max_len)
+    tl["jvt measured"] = measured
+    live = tl["live"]
+    t = report.table(f"KV memory over the mixed workload ({trace['model']}, "
+                     f"{shape.token_bytes // 1024} KiB/token, {len(steps)} steps)",
+                     ["scheme", "mean MiB", "peak MiB", "mean / live", "peak / live peak"])
+    t.notes.append("live = tokens held x token_bytes; static = slots x max_len "
+                   f"({slots} x {max_len}); jvt measured = chunks in use x {chunk >> 20} MiB "
+                   "from engine stats each step; the others computed on the same lengths")
+    mean_live, peak_live = _mean(live), max(live, default=0)
+    for name, series in tl.items():
+        t.add(name, _mean(series) / MiB, max(series, default=0) / MiB,
+              _mean(series) / mean_live if mean_live else math.nan,
+              max(series, default=0) / peak_live if peak_live else math.nan)
+    xs = list(range(len(steps)))
+    report.plots.append(Plot("kv_memory_timeline", f"KV memory, mixed workload "
+                             f"({trace['model']})", "engine step", "MiB",
+                             {k: (xs, [b / MiB for b in v]) for k, v in tl.items()}))
+    if mean_live:
+        report.headline_row("memory", "mean KV MiB over the workload", _mean(measured) / MiB,
+                            "per-layer 2 MiB chunks (vTensor layout)",
+                            _mean(tl["per_layer"]) / MiB, higher_is_better=False)
+        report.headline_row("memory", "mean KV MiB over the workload", _mean(measured) / MiB,
+                            f"static {slots} x {max_len}", _mean(tl["static"]) / MiB,
+                            higher_is_better=False)
+    budget = (64 * MiB) if smoke else (40 << 30)
+    cap = report.table(f"Sequences that fit a {budget / (1 << 30):g} GiB KV budget "
+                       f"({trace['model']}, static max_len {max_len})",
+                       ["tokens per sequence", *[s for s in SCHEMES if s != "live"]])
+    for n in sorted({16, 17, 97, 512, max_len // 2, max_len}):
+        if n <= max_len:
+            cap.add(n, *[max_concurrent(s, n, budget, shape, max_len=max_len)
+                         for s in SCHEMES if s != "live"])
+
+
+def _mean(xs) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _own_trace(smoke: bool) -> dict:
+    from bench import e2e, workload
+    from jvt.models import load
+
+    plan = e2e.SMOKE[0] if smoke else e2e.FULL[0]
+    model = load(plan.model, dtype=plan.dtype)
+    reqs = workload.sharegpt_like(plan.mixed_n, rate=plan.mixed_rate, seed=0,
+                                  max_prompt=plan.max_prompt, max_output=plan.max_output)
+    engine = e2e.make_engine(model, plan, max(plan.batches))
+    stats = []
+    try:
+        e2e.jvt_serve(engine, [(r.arrival_s, list(r.prompt.encode()), r.output_len)
+                               for r in reqs], on_step=lambda e: stats.append(kv_sample(e)))
+    finally:
+        e2e.close_engine(engine)
+    return {"model": plan.model, "config": model.config, "samples": stats,
+            "slots": max(plan.batches), "max_len": e2e.max_model_len(plan)}
