@@ -165,7 +165,8 @@ void attend_tile(const AttnParams& p, const Seq& s, int64_t r0, int64_t r1, int3
   w.s.resize(kKeyBlock);
   for (int64_t r = r0; r < r1; ++r) {
     const T* qrow = static_cast<const T*>(p.q) + ((s.first_row + r) * p.q_heads + g * group) * D;
-    for (int64_t j = 0; j < group * D; ++j) w.q[(r - r0) * group * D + j] = E::load(qrow[j]) * p.scale;
+    float* q = &w.q[(r - r0) * group * D];
+    for (int64_t j = 0; j < group * D; ++j) q[j] = E::load(qrow[j]) * p.scale;
   }
   for (int64_t t0 = 0; t0 <= last; t0 += kKeyBlock) {
     const int64_t nb = std::min(kKeyBlock, last + 1 - t0);

@@ -93,7 +93,8 @@ def _check_args(q, k, v, meta: AttnMeta, store_id, layer, scale) -> None:
     spec = _store_spec(int(store_id))
     if spec["device"] >= 0:
         if d not in _CUDA_HEAD_DIMS:
-            raise ValueError(f"head_dim {d} is not supported on CUDA (supported: {_CUDA_HEAD_DIMS})")
+            raise ValueError(f"head_dim {d} is not supported on CUDA "
+                             f"(supported: {_CUDA_HEAD_DIMS})")
         if q.dtype not in _CUDA_DTYPES:
             raise ValueError(f"q/k/v dtype {q.dtype} is not supported on CUDA "
                              "(supported: bfloat16, float16)")
