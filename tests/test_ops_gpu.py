@@ -227,7 +227,7 @@ def test_capacity_violation_zeroes_and_flags_without_fault():
             AttnMeta(positions=jnp.zeros(1, jnp.int32), seq_start=jnp.asarray([0, 1], jnp.int32),
                      seq_slot=jnp.asarray([1], jnp.int32), seq_len=jnp.asarray([5], jnp.int32)),
             scale=mirror.scale))
-        np.testing.assert_allclose(out[n_bad], ref[0], atol=2e-2)
+        np.testing.assert_allclose(out[n_bad], ref[0], atol=2e-2, rtol=1e-2)
         with pytest.raises(KVCapacityError):
             store.check()
         store.check()  # cleared

@@ -124,7 +124,8 @@ ffi::Error attention_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ff
   const int64_t plane = p.num_rows * p.q_heads;
   const int64_t partial_bytes =
       sk.num_splits > 1 ? sk.num_splits * plane * (p.head_dim + 1) * int64_t(sizeof(float)) : 0;
-  std::optional<void*> block = scratch.Allocate(seq_ok_bytes + partial_bytes, 256);
+  // 16: the largest alignment XLA's FFI allocator accepts.
+  std::optional<void*> block = scratch.Allocate(seq_ok_bytes + partial_bytes, 16);
   if (!block.has_value()) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
                       "jvt_attention: no scratch memory for " +
