@@ -39,15 +39,20 @@ class Plan:
     max_output: int
     kv_budget_gib: float
     check_tol: float  # logits a near-tie may differ by (bf16 numerics)
+    token_buckets: tuple[int, ...] | None  # jvt's compiled step shapes (None: its defaults)
+    seq_buckets: tuple[int, ...] | None
 
 
+# Sizes for the ~8 minute budget on one H100: every jvt step shape is compiled when the engine
+# starts, so the buckets are few (decode batches of the sweep, one prefill-sized bucket).
 FULL = (
     Plan("llama-3.2-1b", None, (1, 16, 64, 256), (1, 16, 64, 256), (1, 16, 64), 256, 128,
-         128, 16.0, 1024, 256, 8.0, 0.25),
-    Plan("llama-3-8b", None, (1, 16, 64, 128), (1, 16, 64), (1, 16), 256, 128,
-         64, 4.0, 1024, 256, 16.0, 0.25),
+         128, 16.0, 1024, 256, 8.0, 0.25, (16, 64, 256, 1024), (1, 16, 64, 256)),
+    Plan("llama-3-8b", None, (1, 16, 64), (1, 16, 64), (1, 16), 256, 128,
+         64, 4.0, 1024, 256, 16.0, 0.25, (16, 64, 1024), (1, 16, 64)),
 )
-SMOKE = (Plan("tiny", None, (1, 3), (1, 3), (1, 3), 12, 6, 6, 50.0, 40, 12, 0.25, 1e-3),)
+SMOKE = (Plan("tiny", None, (1, 3), (1, 3), (1, 3), 12, 6, 6, 50.0, 40, 12, 0.25, 1e-3,
+              None, None),)
 CHECK_PROMPT_LEN, CHECK_TOKENS = 24, 8
 
 
@@ -85,10 +90,13 @@ def fixed_prompts(n: int, length: int, seed: int) -> list[list[int]]:
 def make_engine(model, plan: Plan, max_seqs: int):
     from jvt import Engine
 
+    buckets = {}
+    if plan.token_buckets is not None:
+        buckets = dict(token_buckets=plan.token_buckets, seq_buckets=plan.seq_buckets,
+                       max_num_batched_tokens=plan.token_buckets[-1])
     return Engine(model, max_num_seqs=max_seqs, max_model_len=max_model_len(plan),
-                  max_num_batched_tokens=max(2048, max_seqs) if device() == "cuda" else 256,
                   kv_budget_bytes=int(plan.kv_budget_gib * (1 << 30)), device=device(),
-                  enable_prefix_sharing=False)
+                  enable_prefix_sharing=False, **buckets)
 
 
 def max_model_len(plan: Plan) -> int:

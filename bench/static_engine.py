@@ -3,7 +3,7 @@
 Every slot owns a preallocated [max_len, Hkv, D] K and V cache per layer ([slots, max_len, Hkv,
 D] arrays, donated through each step); attention is jax.nn.dot_product_attention (cuDNN on
 GPU, XLA elsewhere) over the whole max_len cache with a length mask; prefill (one request,
-prompt padded to a power-of-two bucket) and decode (all slots) are jitted. Same params pytree
+prompt padded to a bucket: 16, 64, 256, ... or max_len) and decode (all slots) are jitted. Same params pytree
 and the same math as jvt.models.llama; greedy sampling only. Continuous batching: an arriving
 request is prefilled into a free slot between decode steps, as JetStream inserts prefills.
 """
@@ -40,24 +40,33 @@ def _mlp(p, x):
     return (jax.nn.silu(x @ p["w_gate"]) * (x @ p["w_up"])) @ p["w_down"]
 
 
-def _prefill(params, cache, tokens, true_len, slot, *, config: ModelConfig, impl: str):
-    """tokens [P] (padded) of one request into `slot`; returns (logits [P, V], cache)."""
+def _prefill(params, tokens, *, config: ModelConfig, impl: str):
+    """tokens [P] (one padded request) -> (logits [P, V], per-layer (k, v) [P, Hkv, D]).
+
+    Independent of the cache shape (JetStream's prefill -> insert split), so one compile per
+    prompt bucket serves every slot count."""
     inv_freq = llama.rope_inv_freq(config)
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
     eps, scale = config.rms_norm_eps, config.head_dim ** -0.5
     x = params["embed"][tokens]
-    new_cache = []
-    for p, (ck, cv) in zip(params["layers"], cache):
+    kvs = []
+    for p in params["layers"]:
         q, k, v = _qkv(p, llama.rms_norm(x, p["attn_norm"], eps), positions, config, inv_freq)
         a = jax.nn.dot_product_attention(q[None], k[None], v[None], scale=scale, is_causal=True,
                                          implementation=impl)[0]
         x = x + a.reshape(x.shape[0], -1) @ p["wo"]
         x = x + _mlp(p, llama.rms_norm(x, p["mlp_norm"], eps))
-        new_cache.append((jax.lax.dynamic_update_slice(ck, k[None], (slot, 0, 0, 0)),
-                          jax.lax.dynamic_update_slice(cv, v[None], (slot, 0, 0, 0))))
-    del true_len  # rows past it are padding; the causal mask keeps them out of real rows
+        kvs.append((k, v))
     hidden = llama.rms_norm(x, params["final_norm"], eps)
-    return llama.logits(params, hidden, config=config), new_cache
+    return llama.logits(params, hidden, config=config), kvs
+
+
+def _insert(cache, kvs, slot):
+    """Write a prefill's per-layer (k, v) [P, Hkv, D] at positions [0, P) of `slot`.
+    Rows past the prompt are padding: decode masks them by length and overwrites them."""
+    return [(jax.lax.dynamic_update_slice(ck, k[None], (slot, 0, 0, 0)),
+             jax.lax.dynamic_update_slice(cv, v[None], (slot, 0, 0, 0)))
+            for (ck, cv), (k, v) in zip(cache, kvs)]
 
 
 def _decode(params, cache, tokens, lengths, *, config: ModelConfig, impl: str):
@@ -81,6 +90,14 @@ def _decode(params, cache, tokens, lengths, *, config: ModelConfig, impl: str):
     return nxt, new_cache
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted(config: ModelConfig, impl: str):
+    """(prefill, insert, decode) jitted once per model, shared by engines of any slot count."""
+    kw = dict(config=config, impl=impl)
+    return (jax.jit(functools.partial(_prefill, **kw)), jax.jit(_insert, donate_argnums=0),
+            jax.jit(functools.partial(_decode, **kw), donate_argnums=1))
+
+
 @dataclasses.dataclass
 class Served:
     """Timings of one served request (perf_counter seconds)."""
@@ -102,9 +119,7 @@ class StaticEngine:
         shape = (slots, max_len, config.num_kv_heads, config.head_dim)
         self.cache = [(jnp.zeros(shape, config.jnp_dtype), jnp.zeros(shape, config.jnp_dtype))
                       for _ in range(config.num_layers)]
-        kw = dict(config=config, impl=self.impl)
-        self._prefill = jax.jit(functools.partial(_prefill, **kw), donate_argnums=1)
-        self._decode = jax.jit(functools.partial(_decode, **kw), donate_argnums=1)
+        self._prefill, self._insert, self._decode = _jitted(config, self.impl)
 
     @property
     def cache_bytes(self) -> int:
@@ -113,14 +128,14 @@ class StaticEngine:
     def bucket(self, n: int) -> int:
         if not 1 <= n <= self.max_len:
             raise ValueError(f"prompt of {n} tokens does not fit max_len={self.max_len}")
-        return min(self.max_len, max(16, 1 << (n - 1).bit_length()))
+        return min(self.max_len, max(16, 1 << 2 * ((n - 1).bit_length() + 1 >> 1)))
 
     def prefill(self, slot: int, prompt: list[int]) -> jax.Array:
         """Fill `slot` with the prompt; returns logits [bucket, V] (row len-1 is the next)."""
         ids = np.zeros(self.bucket(len(prompt)), np.int32)
         ids[:len(prompt)] = prompt
-        logits, self.cache = self._prefill(self.params, self.cache, jnp.asarray(ids),
-                                           np.int32(len(prompt)), np.int32(slot))
+        logits, kvs = self._prefill(self.params, jnp.asarray(ids))
+        self.cache = self._insert(self.cache, kvs, np.int32(slot))
         return logits
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
