@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <string>
 
 #include "kv_store.h"
@@ -119,7 +120,13 @@ inline xla::ffi::Error prepare_attention(
   if (seq_len.dimensions()[0] != S || seq_start.dimensions()[0] != S + 1) {
     return fail("seq_start must have S+1 entries and seq_slot, seq_len S entries");
   }
-  store->apply_pending();
+  // A failed mapping (driver or OS error) must not unwind through XLA's C frames.
+  try {
+    store->apply_pending();
+  } catch (const std::exception& e) {
+    return Error::Internal(std::string("jvt_attention: mapping pending KV chunks failed: ") +
+                           e.what());
+  }
   const KVLayout& lay = store->layout();
   const int64_t layer_bytes = 2 * spec.kv_heads * spec.head_dim * lay.elem_bytes;
   *params = AttnParams{
