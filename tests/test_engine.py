@@ -1,0 +1,261 @@
+"""Engine end to end on the CPU: equivalences that must hold whatever the scheduling.
+
+Most tests use a small model with wide KV (16 KV heads of 128 floats, 2 layers: 32 KiB per
+token), so that a 2 MiB chunk holds 64 tokens and chunk boundaries, prefix sharing and memory
+pressure happen at prompt lengths a CPU test can afford.
+"""
+
+import math
+import random
+
+import jax
+import numpy as np
+import pytest
+
+import jvt
+from jvt import models
+from jvt.models.llama import init_params
+from jvt.types import SamplingParams
+
+WIDE = models.ModelConfig(
+    vocab_size=263, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=16,
+    num_kv_heads=16, head_dim=128, max_position_embeddings=1024, dtype="float32",
+    bos_token_id=256, eos_token_id=(257, 262))
+TPC = 64  # tokens per 2 MiB chunk for WIDE
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+ENGINE = dict(max_num_seqs=8, max_model_len=384, max_num_batched_tokens=128,
+              token_buckets=(16, 128), seq_buckets=(8,), prefill_chunk=48)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return models.Model(WIDE, init_params(WIDE, seed=3), models.ByteTokenizer())
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return jvt.Engine(model, **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """An engine that runs one request at a time and never shares KV: the reference."""
+    e = jvt.Engine(model, max_num_seqs=1, max_model_len=384, max_num_batched_tokens=128,
+                   token_buckets=(128,), seq_buckets=(1,), prefill_chunk=128,
+                   enable_prefix_sharing=False)
+
+    def run(prompt, params=GREEDY):
+        return e.generate([prompt], params, use_tqdm=False)[0]
+    return run
+
+
+def _prompts(n, seed, lo=1, hi=150, prefix=()):
+    rng = random.Random(seed)
+    return [list(prefix) + [rng.randrange(256) for _ in range(rng.randint(lo, hi))]
+            for _ in range(n)]
+
+
+def _in_use(engine):
+    return engine.store.stats().chunks_in_use
+
+
+def test_greedy_matches_transformers_generate(tmp_path):
+    import torch
+
+    from hf_fixtures import build_hf_model, save_hf_model
+
+    hf = build_hf_model("llama3", seed=1)
+    save_hf_model(hf, tmp_path)
+    e = jvt.Engine(str(tmp_path), max_num_seqs=4, max_model_len=128, max_num_batched_tokens=32,
+                   token_buckets=(8, 32), seq_buckets=(4,), prefill_chunk=13)
+    prompts = [[256] + p for p in _prompts(5, seed=0, hi=40)] + [[256]]
+    outs = e.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                              eos_token_id=257, pad_token_id=258)[0, len(prompt):].tolist()
+        assert out.token_ids == ref
+        assert out.finish_reason == ("stop" if ref[-1] == 257 else "length")
+
+
+def test_batch_invariance_alone_vs_among_16_others(engine, reference):
+    prompts = _prompts(17, seed=1, hi=200)
+    params = [GREEDY] * 16 + [SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=20)]
+    together = engine.generate(prompts, params, use_tqdm=False)
+    for prompt, p, out in zip(prompts, params, together):
+        alone = reference(prompt, p)
+        assert out.token_ids == alone.token_ids
+        assert len(out.token_ids) == p.max_tokens
+
+
+def test_no_compilation_after_warmup(engine):
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        prompts = _prompts(11, seed=2, hi=300)
+        engine.generate(prompts, [SamplingParams(temperature=t, max_tokens=1 + i * 3, top_k=i)
+                                  for i, t in enumerate([0.0, 0.5, 1.0] * 3 + [0.0, 2.0])],
+                        use_tqdm=False)
+        list(engine.stream(prompts[0], GREEDY))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert engine.runner.num_compiles == len(engine.config.step_shapes) == 2
+
+
+def test_session_turn_equals_recomputing_the_conversation(engine, reference):
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    with engine.session(system="be brief") as session:
+        for turn, text in enumerate(["hello there", "and then?", "x" * 70, "ok"]):
+            messages = [*session.messages, {"role": "user", "content": text}]
+            out = session.send(text, params)
+            ids = engine.tokenizer.apply_chat_template(messages)
+            assert out.prompt_token_ids == ids
+            assert out.token_ids == reference(ids, params).token_ids
+            if turn:
+                assert out.metrics.prefix_tokens_reused > 0
+
+
+def test_session_survives_eviction(model, reference):
+    e = jvt.Engine(model, **{**ENGINE, "max_num_seqs": 2, "seq_buckets": (2,)})
+    params = SamplingParams(temperature=0.0, max_tokens=10)
+    s = e.session()
+    s.send("first turn", params)
+    e.generate(_prompts(4, seed=9, hi=100), GREEDY, use_tqdm=False)  # evicts the session's slot
+    out = s.send("second turn", params)
+    assert out.token_ids == reference(e.tokenizer.apply_chat_template(s.messages[:-1]),
+                                      params).token_ids
+
+
+def test_tiny_budget_preempts_and_outputs_stay_identical(model, reference):
+    e = jvt.Engine(model, **ENGINE, kv_budget_bytes=5 * (2 << 20), enable_prefix_sharing=False)
+    prompts = _prompts(6, seed=4, lo=40, hi=110)
+    params = SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True)
+    outs = e.generate(prompts, params, use_tqdm=False)
+    assert e.stats()["preemptions"] > 0
+    assert sum(o.metrics.num_preemptions for o in outs) > 0
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == reference(prompt, params).token_ids
+    assert _in_use(e) == 0
+
+
+def test_prefix_sharing_same_outputs_fewer_chunks(model, reference):
+    common = _prompts(1, seed=5, lo=150, hi=150)[0]  # 2 whole chunks + 22 tokens
+    prompts = _prompts(6, seed=6, lo=1, hi=60, prefix=common)
+    e = jvt.Engine(model, **ENGINE)
+    first = e.generate(prompts[:1], GREEDY, use_tqdm=False)
+    rest = e.generate(prompts[1:], GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, first + rest):
+        assert out.token_ids == reference(prompt).token_ids
+    assert first[0].metrics.prefix_tokens_reused == 0
+    assert all(o.metrics.prefix_tokens_reused == 2 * TPC for o in rest)
+    stats = e.stats()
+    unshared = sum(math.ceil((len(p) + GREEDY.max_tokens - 1) / TPC) for p in prompts)
+    assert stats["chunks_shared"] == 2
+    assert stats["chunks_in_use"] == unshared - 2 * (len(prompts) - 1)
+    e.free_cache()
+    assert _in_use(e) == 0
+
+
+def test_stop_strings_and_stop_token_ids(engine):
+    prompt = "The stop test: "
+    base = engine.generate(prompt, GREEDY, use_tqdm=False)[0]
+    text = base.text
+    stop = text[5:8]
+    out = engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24, stop=[stop],
+                                                 ignore_eos=True), use_tqdm=False)[0]
+    assert out.finish_reason == "stop"
+    assert out.text == text[:text.find(stop)]
+    assert out.token_ids == base.token_ids[:len(out.token_ids)]
+    tok = base.token_ids[6]
+    out = engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24,
+                                                 stop_token_ids=[tok], ignore_eos=True),
+                          use_tqdm=False)[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == base.token_ids[:base.token_ids.index(tok) + 1]
+
+
+def test_stream_deltas_add_up_and_close_aborts(engine):
+    prompt = "streaming"
+    full = engine.generate(prompt, GREEDY, use_tqdm=False)[0]
+    deltas = list(engine.stream(prompt, GREEDY))
+    assert [t for d in deltas for t in d.token_ids] == full.token_ids
+    assert "".join(d.text for d in deltas) == full.text
+    assert deltas[-1].finish_reason == "length"
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    it = engine.stream(prompt, GREEDY)
+    next(it)
+    it.close()
+    assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
+
+
+def test_abort_and_completion_return_every_chunk(model):
+    e = jvt.Engine(model, **ENGINE, enable_prefix_sharing=False)
+    rng = random.Random(7)
+    streams = [e.stream(p, SamplingParams(temperature=1.0, max_tokens=rng.randint(1, 60),
+                                          stop=["a"] if rng.random() < 0.3 else ()))
+               for p in _prompts(12, seed=7, hi=200)]
+    for s in streams[:6]:
+        next(s)  # starts them; the rest run while these are being consumed
+    for i, s in enumerate(streams):
+        if i % 3 == 0:
+            s.close()
+        else:
+            list(s)
+    assert _in_use(e) == 0
+    assert e.stats()["slots_free"] == e.stats()["slots"]
+
+
+def test_sampling_seed_is_batch_independent_and_logprobs(engine, reference):
+    p = SamplingParams(temperature=1.0, top_k=50, seed=1234, max_tokens=16, logprobs=3,
+                       ignore_eos=True)
+    prompts = _prompts(5, seed=8, hi=90)
+    batch = engine.generate(prompts, p, use_tqdm=False)
+    alone = reference(prompts[2], p)
+    assert batch[2].token_ids == alone.token_ids
+    assert batch[0].token_ids != batch[1].token_ids
+    for lp, tok in zip(alone.logprobs, alone.token_ids):
+        assert lp.token_id == tok and lp.logprob <= 0 and len(lp.top) == 3
+        assert max(lp.top.values()) >= lp.logprob - 1e-6
+    greedy = reference(prompts[2], SamplingParams(temperature=0.0, max_tokens=8, logprobs=1))
+    for lp in greedy.logprobs:
+        assert list(lp.top) == [lp.token_id]
+        assert np.isclose(lp.top[lp.token_id], lp.logprob)
+
+
+def test_bad_input_is_rejected_and_others_unaffected(engine, reference):
+    prompt = _prompts(1, seed=10, hi=50)[0]
+    it = engine.stream(prompt, GREEDY)
+    first = next(it)
+    bad = [
+        ("", "empty"), ([], "prompts"), ([1, 2, 263], "outside"), ([1, -1], "outside"),
+        ([0] * 384, "max_model_len"), (3.5, "prompts"), ([[1, 2], "ok", None], r"prompts\[2\]"),
+    ]
+    for p, match in bad:
+        with pytest.raises(ValueError, match=match):
+            engine.generate(p, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="sampling_params"):
+        engine.generate(["a", "b"], [GREEDY], use_tqdm=False)
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate("a", SamplingParams(top_p=0.0), use_tqdm=False)
+    rest = list(it)
+    tokens = first.token_ids + [t for d in rest for t in d.token_ids]
+    assert tokens == reference(prompt).token_ids
+
+
+def test_request_that_cannot_fit_alone_and_bad_config(model):
+    e = jvt.Engine(model, **{**ENGINE, "max_num_seqs": 1, "token_buckets": (16, 128),
+                             "seq_buckets": (1,)}, kv_budget_bytes=2 << 20)
+    with pytest.raises(ValueError, match="KV chunks"):
+        e.generate([1] * 50, SamplingParams(max_tokens=100), use_tqdm=False)
+    assert len(e.generate([1] * 50, SamplingParams(max_tokens=10), use_tqdm=False)) == 1
+    for kwargs, field in [({"max_num_seqs": 0}, "max_num_seqs"), ({"bogus": 1}, "bogus"),
+                          ({"device": "tpu"}, "device"), ({"dtype": "int8"}, "dtype"),
+                          ({"max_num_batched_tokens": 4}, "max_num_batched_tokens"),
+                          ({"token_buckets": (16, 64)}, "token_buckets")]:
+        with pytest.raises(ValueError, match=field):
+            jvt.Engine(model, **{**ENGINE, **kwargs})
