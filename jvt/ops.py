@@ -71,8 +71,8 @@ def _check_args(q, k, v, meta: AttnMeta, store_id, layer, scale) -> None:
     if k.shape[0] != t or k.shape[2] != d:
         raise ValueError(f"k/v shape {k.shape} must be [T={t}, Hkv, D={d}] to match q {q.shape}")
     hkv = k.shape[1]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
+    if hkv == 0 or hq == 0 or hq % hkv != 0:
+        raise ValueError(f"q heads ({hq}) must be a positive multiple of k/v heads ({hkv})")
     for name in ("positions", "seq_start", "seq_slot", "seq_len"):
         x = getattr(meta, name)
         if x.dtype != jnp.int32 or x.ndim != 1:
