@@ -12,5 +12,5 @@ from jvt.models.loader import Model, load, save_hf_checkpoint
 from jvt.models.presets import PRESETS, preset_config
 from jvt.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
-__all__ = ["ByteTokenizer", "HFTokenizer", "Model", "ModelConfig", "PRESETS", "Tokenizer",
+__all__ = ["PRESETS", "ByteTokenizer", "HFTokenizer", "Model", "ModelConfig", "Tokenizer",
            "llama", "load", "preset_config", "save_hf_checkpoint"]

@@ -63,7 +63,8 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"ModelConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(
+                f"ModelConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
         if not self.rms_norm_eps > 0:
@@ -173,21 +174,21 @@ def _hf_fields(config: dict) -> dict:
     dtype = config.get("dtype", config.get("torch_dtype")) or "bfloat16"
     if dtype not in DTYPES:
         raise ValueError(f"unsupported checkpoint dtype {dtype!r}; supported: {sorted(DTYPES)}")
-    return dict(
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        rope_theta=theta,
-        rope_scaling=scaling,
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "qwen2",
-        max_position_embeddings=max_pos,
-        bos_token_id=config.get("bos_token_id"),
-        eos_token_id=config.get("eos_token_id"),
-        dtype=dtype,
-    )
+    return {
+        "vocab_size": config["vocab_size"],
+        "hidden_size": config["hidden_size"],
+        "intermediate_size": config["intermediate_size"],
+        "num_layers": config["num_hidden_layers"],
+        "num_heads": heads,
+        "num_kv_heads": config.get("num_key_value_heads") or heads,
+        "head_dim": config.get("head_dim") or config["hidden_size"] // heads,
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "rms_norm_eps": float(config.get("rms_norm_eps", 1e-6)),
+        "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "qkv_bias": arch == "qwen2",
+        "max_position_embeddings": max_pos,
+        "bos_token_id": config.get("bos_token_id"),
+        "eos_token_id": config.get("eos_token_id"),
+        "dtype": dtype,
+    }

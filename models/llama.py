@@ -41,13 +41,13 @@ def param_shapes(config: ModelConfig) -> dict:
     def s(*shape):
         return jax.ShapeDtypeStruct(shape, config.jnp_dtype)
 
-    layer = dict(attn_norm=s(h), wq=s(h, q), wk=s(h, kv), wv=s(h, kv), wo=s(q, h),
-                 mlp_norm=s(h), w_gate=s(h, i), w_up=s(h, i), w_down=s(i, h))
+    layer = {"attn_norm": s(h), "wq": s(h, q), "wk": s(h, kv), "wv": s(h, kv), "wo": s(q, h),
+             "mlp_norm": s(h), "w_gate": s(h, i), "w_up": s(h, i), "w_down": s(i, h)}
     if config.qkv_bias:
         layer.update(bq=s(q), bk=s(kv), bv=s(kv))
-    params = dict(embed=s(config.vocab_size, h),
-                  layers=[dict(layer) for _ in range(config.num_layers)],
-                  final_norm=s(h))
+    params = {"embed": s(config.vocab_size, h),
+              "layers": [dict(layer) for _ in range(config.num_layers)],
+              "final_norm": s(h)}
     if not config.tie_embeddings:
         params["lm_head"] = s(h, config.vocab_size)
     return params

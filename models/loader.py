@@ -32,8 +32,8 @@ _ST_DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
               "F32": np.dtype(np.float32)}
 _ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
 # params leaf -> (Hugging Face tensor name, stored transposed: HF Linear weights are [out, in])
-_HF_NAMES = {"embed": ("model.embed_tokens.weight", False), "final_norm": ("model.norm.weight", False),
-             "lm_head": ("lm_head.weight", True)}
+_HF_NAMES = {"embed": ("model.embed_tokens.weight", False),
+             "final_norm": ("model.norm.weight", False), "lm_head": ("lm_head.weight", True)}
 _HF_LAYER_NAMES = {
     "attn_norm": ("input_layernorm.weight", False),
     "wq": ("self_attn.q_proj.weight", True), "bq": ("self_attn.q_proj.bias", False),

@@ -14,8 +14,8 @@ from jvt.models.config import ModelConfig
 from jvt.models.tokenizer import ByteTokenizer
 
 _BYTES = ByteTokenizer()
-_SPECIAL = dict(bos_token_id=_BYTES.bos_id, eos_token_id=_BYTES.eos_ids)
-_LLAMA3_ROPE = dict(rope_theta=500000.0, rms_norm_eps=1e-5)
+_SPECIAL = {"bos_token_id": _BYTES.bos_id, "eos_token_id": _BYTES.eos_ids}
+_LLAMA3_ROPE = {"rope_theta": 500000.0, "rms_norm_eps": 1e-5}
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
@@ -25,8 +25,8 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-3.2-1b": ModelConfig(
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
         num_heads=32, num_kv_heads=8, head_dim=64, tie_embeddings=True,
-        rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=8192),
+        rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
         max_position_embeddings=131072, dtype="bfloat16", **_LLAMA3_ROPE, **_SPECIAL),
     "llama-3-8b": ModelConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,

@@ -13,29 +13,29 @@ import transformers
 from jvt.models import ByteTokenizer
 
 VOCAB = 301  # larger than the byte tokenizer's 263 ids, odd on purpose
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-               head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=512,
-               bos_token_id=256, eos_token_id=257)
-_LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                       original_max_position_embeddings=32)
+_COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96,
+           "num_hidden_layers": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
+           "max_position_embeddings": 512, "bos_token_id": 256, "eos_token_id": 257}
+_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 
 # family -> (transformers config class, kwargs). Together they cover llama3 rope scaling,
 # default rope, MHA/GQA/MQA, q/k/v biases and tied embeddings.
 FAMILIES = {
-    "llama3": (transformers.LlamaConfig, dict(
-        num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
-        rope_scaling=_LLAMA3_SCALING)),
-    "llama2": (transformers.LlamaConfig, dict(
-        num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0)),
-    "llama3.2-tied": (transformers.LlamaConfig, dict(
-        num_attention_heads=4, num_key_value_heads=1, rope_theta=500000.0,
-        rope_scaling=_LLAMA3_SCALING, tie_word_embeddings=True)),
-    "mistral": (transformers.MistralConfig, dict(
-        num_attention_heads=8, num_key_value_heads=2, rope_theta=1000000.0,
-        sliding_window=None)),
-    "qwen2": (transformers.Qwen2Config, dict(
-        num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0,
-        tie_word_embeddings=False, use_sliding_window=False)),
+    "llama3": (transformers.LlamaConfig, {
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 500000.0,
+        "rope_scaling": _LLAMA3_SCALING}),
+    "llama2": (transformers.LlamaConfig, {
+        "num_attention_heads": 4, "num_key_value_heads": 4, "rope_theta": 10000.0}),
+    "llama3.2-tied": (transformers.LlamaConfig, {
+        "num_attention_heads": 4, "num_key_value_heads": 1, "rope_theta": 500000.0,
+        "rope_scaling": _LLAMA3_SCALING, "tie_word_embeddings": True}),
+    "mistral": (transformers.MistralConfig, {
+        "num_attention_heads": 8, "num_key_value_heads": 2, "rope_theta": 1000000.0,
+        "sliding_window": None}),
+    "qwen2": (transformers.Qwen2Config, {
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 1000000.0,
+        "tie_word_embeddings": False, "use_sliding_window": False}),
 }
 
 

@@ -24,8 +24,8 @@ from jvt.models import (PRESETS, ByteTokenizer, HFTokenizer, ModelConfig, load, 
                         preset_config, save_hf_checkpoint)
 from jvt.models.llama import param_shapes
 
-SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+SMALL = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
 
 
 def _hf_dict(cls=transformers.LlamaConfig, **kwargs) -> dict:
@@ -54,8 +54,8 @@ def test_from_hf_reads_each_family(family):
 
 
 def test_from_hf_legacy_rope_spelling_matches():
-    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=32)
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
     new = _hf_dict(rope_theta=5e5, rope_scaling={"rope_type": "llama3", **scaling})
     legacy = {k: v for k, v in new.items() if k != "rope_parameters"}
     legacy.update(architectures=["LlamaForCausalLM"], rope_theta=5e5,
@@ -88,12 +88,12 @@ def test_from_hf_accepts_window_covering_the_context():
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(num_kv_heads=3), "multiple of num_kv_heads"),
-    (dict(dtype="int8"), "dtype"),
-    (dict(vocab_size=0), "vocab_size"),
-    (dict(head_dim=15), "even"),
-    (dict(eos_token_id=(5, 999)), "outside the vocabulary"),
-    (dict(rope_scaling={"factor": 8.0}), "llama3 rope_scaling needs keys"),
+    ({"num_kv_heads": 3}, "multiple of num_kv_heads"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"vocab_size": 0}, "vocab_size"),
+    ({"head_dim": 15}, "even"),
+    ({"eos_token_id": (5, 999)}, "outside the vocabulary"),
+    ({"rope_scaling": {"factor": 8.0}}, "llama3 rope_scaling needs keys"),
 ])
 def test_config_validation(change, match):
     with pytest.raises(ValueError, match=match):

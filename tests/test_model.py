@@ -4,6 +4,7 @@ checkpoints of each family, through the real KV store and jvt_attention op on th
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,7 @@ def run_step(model, store, seqs, pad=0):
     out = np.asarray(_step_logits(model.params, jnp.asarray(tokens, jnp.int32), meta,
                                   config=model.config, store_id=store.store_id))
     store.check()
-    return [out[a:b] for a, b in zip(starts, starts[1:])], out[starts[-1]:]
+    return [out[a:b] for a, b in itertools.pairwise(starts)], out[starts[-1]:]
 
 
 def rel_err(x, ref):
