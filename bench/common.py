@@ -158,6 +158,7 @@ class Plot:
     series: dict[str, tuple[list[float], list[float]]]  # label -> (xs, ys)
     logx: bool = False
     logy: bool = False
+    categories: list[str] | None = None  # grouped bars: xs index these labels
 
 
 class Report:
@@ -226,8 +227,15 @@ def write_plot(out_dir: Path, plot: Plot) -> Path:
         log(f"matplotlib not importable: writing {plot.name}.svg instead of a PNG")
         return _write_svg(out_dir, plot)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, (xs, ys) in plot.series.items():
-        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    if plot.categories is not None:
+        width = 0.8 / max(1, len(plot.series))
+        for i, (label, (xs, ys)) in enumerate(plot.series.items()):
+            ax.bar([x + (i - (len(plot.series) - 1) / 2) * width for x in xs], ys, width,
+                   label=label)
+        ax.set_xticks(range(len(plot.categories)), plot.categories)
+    else:
+        for label, (xs, ys) in plot.series.items():
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.set(title=plot.title, xlabel=plot.xlabel, ylabel=plot.ylabel)
     if plot.logx:
         ax.set_xscale("log", base=2)
@@ -259,12 +267,12 @@ def _write_svg(out_dir: Path, plot: Plot) -> Path:
                 f"{h - m - (ty(y) - y0) / (y1 - y0) * (h - 2 * m):.1f}")
 
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
-    body = [f'<rect x="{m}" y="{m}" width="{w - 2 * m}" height="{h - 2 * m}" fill="none" '
-            'stroke="#888"/>',
+    body = [(f'<rect x="{m}" y="{m}" width="{w - 2 * m}" height="{h - 2 * m}" fill="none" '
+             'stroke="#888"/>'),
             f'<text x="{w / 2}" y="25" text-anchor="middle">{plot.title}</text>',
             f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">{plot.xlabel}</text>',
-            f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" '
-            f'text-anchor="middle">{plot.ylabel}</text>']
+            (f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" '
+             f'text-anchor="middle">{plot.ylabel}</text>')]
     for i, (label, (xs, ys)) in enumerate(plot.series.items()):
         c = colors[i % len(colors)]
         line = " ".join(px(x, y) for x, y in zip(xs, ys) if math.isfinite(y))

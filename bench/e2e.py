@@ -92,8 +92,8 @@ def make_engine(model, plan: Plan, max_seqs: int):
 
     buckets = {}
     if plan.token_buckets is not None:
-        buckets = dict(token_buckets=plan.token_buckets, seq_buckets=plan.seq_buckets,
-                       max_num_batched_tokens=plan.token_buckets[-1])
+        buckets = {"token_buckets": plan.token_buckets, "seq_buckets": plan.seq_buckets,
+                   "max_num_batched_tokens": plan.token_buckets[-1]}
     return Engine(model, max_num_seqs=max_seqs, max_model_len=max_model_len(plan),
                   kv_budget_bytes=int(plan.kv_budget_gib * (1 << 30)), device=device(),
                   enable_prefix_sharing=False, **buckets)
@@ -195,7 +195,6 @@ def run_model(report: Report, plan: Plan, sweep, mixed, notes: list[str]) -> Non
                                      "slots": max(plan.batches), "max_len": max_model_len(plan)}
     finally:
         close_engine(engine)
-        del engine
         gc.collect()
 
     # static JAX engine
@@ -258,7 +257,7 @@ def run_hf(report, plan, model, check_prompt, ref_tokens, sweep, notes) -> None:
     from bench import hf_baseline
 
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError as e:
         report.skip("e2e", f"{plan.model} HF", f"torch not importable: {e}")
         return
@@ -285,7 +284,7 @@ def run_hf(report, plan, model, check_prompt, ref_tokens, sweep, notes) -> None:
     except Exception as e:  # noqa: BLE001 - a failing baseline must not end the run
         report.skip("e2e", f"{plan.model} HF", f"failed: {type(e).__name__}: {e}"[:300])
     finally:
-        del hf
+        hf = None
         gc.collect()
         try:
             import torch

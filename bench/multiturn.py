@@ -37,14 +37,15 @@ SMOKE = Plan("tiny", 2, 8, 20.0, 40, 4, 512, None)
 
 
 def run(report: Report, smoke: bool) -> None:
-    from jvt import Engine, SamplingParams
     from jvt.models import load
+
+    from jvt import Engine, SamplingParams
 
     plan = SMOKE if smoke else FULL
     model = load(plan.model)
-    extra = {} if plan.token_buckets is None else dict(
-        token_buckets=plan.token_buckets, max_num_batched_tokens=plan.token_buckets[-1],
-        prefill_chunk=plan.token_buckets[-1], seq_buckets=(1, plan.conversations))
+    extra = {} if plan.token_buckets is None else {
+        "token_buckets": plan.token_buckets, "max_num_batched_tokens": plan.token_buckets[-1],
+        "prefill_chunk": plan.token_buckets[-1], "seq_buckets": (1, plan.conversations)}
     engine = Engine(model, max_num_seqs=plan.conversations, max_model_len=plan.max_model_len,
                     device="cuda" if jax.default_backend() == "gpu" else "cpu",
                     enable_prefix_sharing=False, **extra)

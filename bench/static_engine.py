@@ -17,7 +17,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jvt.models import llama
 from jvt.models.config import ModelConfig
 
@@ -93,7 +92,7 @@ def _decode(params, cache, tokens, lengths, *, config: ModelConfig, impl: str):
 @functools.lru_cache(maxsize=8)
 def _jitted(config: ModelConfig, impl: str):
     """(prefill, insert, decode) jitted once per model, shared by engines of any slot count."""
-    kw = dict(config=config, impl=impl)
+    kw = {"config": config, "impl": impl}
     return (jax.jit(functools.partial(_prefill, **kw)), jax.jit(_insert, donate_argnums=0),
             jax.jit(functools.partial(_decode, **kw), donate_argnums=1))
 
