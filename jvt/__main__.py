@@ -1,0 +1,98 @@
+"""Command line: ``python -m jvt generate --model tiny --prompt "..."`` and ``python -m jvt chat``.
+
+Presets (tiny, llama-3.2-1b, llama-3-8b) have random weights, so their output is gibberish;
+pass a local Hugging Face checkpoint directory as --model for real text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jvt", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="complete one or more prompts")
+    gen.add_argument("--prompt", action="append", required=True,
+                     help="a prompt (repeat for a batch)")
+    chat = sub.add_parser("chat", help="interactive multi-turn chat (stdin may be piped)")
+    chat.add_argument("--system", default=None, help="system message")
+    for sp in (gen, chat):
+        sp.add_argument("--model", default="tiny", help="preset name or checkpoint directory")
+        sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+        sp.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
+        sp.add_argument("--max-model-len", type=int, default=2048)
+        sp.add_argument("--max-tokens", type=int, default=64)
+        sp.add_argument("--temperature", type=float, default=0.8)
+        sp.add_argument("--top-p", type=float, default=0.95)
+        sp.add_argument("--top-k", type=int, default=0)
+        sp.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import jvt
+
+    try:
+        params = jvt.SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                                    top_k=args.top_k, max_tokens=args.max_tokens,
+                                    seed=args.seed)
+        engine = jvt.Engine(args.model, device=args.device, dtype=args.dtype,
+                            max_model_len=args.max_model_len, max_num_seqs=8,
+                            max_num_batched_tokens=256, token_buckets=(16, 64, 256),
+                            seq_buckets=(1, 8))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "generate":
+        try:
+            outputs = engine.generate(args.prompt, params, use_tqdm=False)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for out in outputs:
+            m = out.metrics
+            print(f"--- {out.prompt!r} ({len(out.token_ids)} tokens, {out.finish_reason}, "
+                  f"ttft {m.ttft * 1e3:.1f} ms)")
+            print(out.text)
+        return 0
+    return _chat(engine, params, args.system)
+
+
+def _chat(engine, params, system: str | None) -> int:
+    interactive = sys.stdin.isatty()
+    session = engine.session(system)
+    try:
+        while True:
+            try:
+                text = input("you> " if interactive else "")
+            except EOFError:
+                break
+            if not text.strip():
+                continue
+            if not interactive:
+                print(f"you> {text}")
+            print("bot> ", end="", flush=True)
+            start, first, n = time.perf_counter(), None, 0
+            for delta in session.stream(text, params):
+                if delta.token_ids and first is None:
+                    first = time.perf_counter()
+                n += len(delta.token_ids)
+                print(delta.text, end="", flush=True)
+            end = time.perf_counter()
+            rate = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
+            ttft = (first - start) * 1e3 if first else float("nan")
+            print(f"\n     [{n} tokens, ttft {ttft:.1f} ms, {rate:.1f} tok/s]")
+    except KeyboardInterrupt:
+        print()
+    finally:
+        session.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
