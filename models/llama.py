@@ -99,11 +99,15 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate x [T, heads, D] by positions [T] (the half-split "rotate_half" convention of
-    Hugging Face LLaMA checkpoints), in float32, returned in x's dtype."""
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin), each [T, 1, D/2] float32, of the angles positions[t] * inv_freq."""
     angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
-    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    return jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [T, heads, D] by the rope_tables angles (the half-split "rotate_half"
+    convention of Hugging Face LLaMA checkpoints), in float32, returned in x's dtype."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -116,13 +120,13 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def _attention_block(p: dict, x, meta: AttnMeta, layer: int, config: ModelConfig, store_id: int,
-                     inv_freq: np.ndarray):
+                     rope: tuple[jax.Array, jax.Array]):
     t, d = x.shape[0], config.head_dim
     q, k, v = x @ p["wq"], x @ p["wk"], x @ p["wv"]
     if config.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-    q = apply_rope(q.reshape(t, config.num_heads, d), meta.positions, inv_freq)
-    k = apply_rope(k.reshape(t, config.num_kv_heads, d), meta.positions, inv_freq)
+    q = apply_rope(q.reshape(t, config.num_heads, d), *rope)
+    k = apply_rope(k.reshape(t, config.num_kv_heads, d), *rope)
     v = v.reshape(t, config.num_kv_heads, d)
     out = ops.attention(q, k, v, meta, store_id=store_id, layer=layer, scale=d ** -0.5)
     return out.reshape(t, config.num_heads * d) @ p["wo"]
@@ -149,11 +153,11 @@ def forward(params: dict, tokens: jax.Array, meta: AttnMeta, *, config: ModelCon
     """
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be [T] int32, got shape {tokens.shape}")
-    inv_freq = rope_inv_freq(config)
+    rope = rope_tables(meta.positions, rope_inv_freq(config))  # shared by every layer
     x = params["embed"][tokens]
     for i, p in enumerate(params["layers"]):
         h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-        x = x + _attention_block(p, h, meta, i, config, store_id, inv_freq)
+        x = x + _attention_block(p, h, meta, i, config, store_id, rope)
         h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
         x = x + _mlp_block(p, h)
     return rms_norm(x, params["final_norm"], config.rms_norm_eps)

@@ -17,8 +17,10 @@ _COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96,
            "num_hidden_layers": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
            "max_position_embeddings": 512, "bos_token_id": 256, "eos_token_id": 257}
 _LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
+# With head_dim 16 and theta 5e5, original context 64 puts one rotary frequency in each llama3
+# band: kept (wavelength < 16), smoothed (16..64) and divided by factor (> 64).
 # family -> (transformers config class, kwargs). Together they cover llama3 rope scaling,
 # default rope, MHA/GQA/MQA, q/k/v biases and tied embeddings.
 FAMILIES = {

@@ -15,7 +15,8 @@ import transformers
 from hf_fixtures import FAMILIES, VOCAB, build_hf_model, hf_logits, save_hf_model
 
 import jvt
-from jvt.models import llama, load, save_hf_checkpoint
+from jvt.models import llama, load, preset_config, save_hf_checkpoint
+from jvt.models.loader import hf_config_dict
 from jvt.types import AttnMeta
 
 FP32_TOL = 1e-4  # max |ours - ref| / max |ref| against the transformers fp32 forward
@@ -171,3 +172,14 @@ def test_tiny_preset_bfloat16_close_to_float32():
         err = rel_err(run_step(model, store, [(0, toks, 0)])[0][0], ref)
     print(f"tiny preset bf16 vs fp32: {err:.2e}")
     assert err <= 5e-2
+
+
+@pytest.mark.parametrize("preset", ["llama-3.2-1b", "llama-3-8b"])
+def test_rope_frequencies_match_transformers(preset):
+    """llama3 scaling (all three bands at 1B's head_dim 64) and plain RoPE (8B)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = preset_config(preset)
+    rotary = LlamaRotaryEmbedding(transformers.LlamaConfig(**hf_config_dict(config)))
+    assert rotary.attention_scaling == 1.0
+    np.testing.assert_allclose(llama.rope_inv_freq(config), rotary.inv_freq.numpy(), rtol=1e-6)
