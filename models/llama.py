@@ -105,9 +105,13 @@ def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, 
     return jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate x [T, heads, D] by the rope_tables angles (the half-split "rotate_half"
-    convention of Hugging Face LLaMA checkpoints), in float32, returned in x's dtype."""
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate x [T, heads, D] by positions [T] (the half-split "rotate_half" convention of
+    Hugging Face LLaMA checkpoints), in float32, returned in x's dtype."""
+    return _rotate(x, *rope_tables(positions, inv_freq))
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -125,8 +129,8 @@ def _attention_block(p: dict, x, meta: AttnMeta, layer: int, config: ModelConfig
     q, k, v = x @ p["wq"], x @ p["wk"], x @ p["wv"]
     if config.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-    q = apply_rope(q.reshape(t, config.num_heads, d), *rope)
-    k = apply_rope(k.reshape(t, config.num_kv_heads, d), *rope)
+    q = _rotate(q.reshape(t, config.num_heads, d), *rope)
+    k = _rotate(k.reshape(t, config.num_kv_heads, d), *rope)
     v = v.reshape(t, config.num_kv_heads, d)
     out = ops.attention(q, k, v, meta, store_id=store_id, layer=layer, scale=d ** -0.5)
     return out.reshape(t, config.num_heads * d) @ p["wo"]
