@@ -109,15 +109,28 @@ def test_no_compilation_after_warmup(engine):
 
 def test_session_turn_equals_recomputing_the_conversation(engine, reference):
     params = SamplingParams(temperature=0.0, max_tokens=12)
+    previous = None  # the last turn's prompt + output: what its slot holds KV for
     with engine.session(system="be brief") as session:
-        for turn, text in enumerate(["hello there", "and then?", "x" * 70, "ok"]):
+        for text in ["hello there", "and then?", "x" * 70, "ok"]:
             messages = [*session.messages, {"role": "user", "content": text}]
             out = session.send(text, params)
             ids = engine.tokenizer.apply_chat_template(messages)
             assert out.prompt_token_ids == ids
             assert out.token_ids == reference(ids, params).token_ids
-            if turn:
+            if previous is not None:
+                # Only the tokens after the longest prefix the slot holds are prefilled (the
+                # last output token's KV exists only if a step ran after it was sampled).
+                assert out.metrics.prefix_tokens_reused in (
+                    _common_prefix(previous, ids), _common_prefix(previous[:-1], ids))
                 assert out.metrics.prefix_tokens_reused > 0
+            previous = out.prompt_token_ids + out.token_ids
+
+
+def _common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b) - 1) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def test_session_survives_eviction(model, reference):
@@ -259,3 +272,19 @@ def test_request_that_cannot_fit_alone_and_bad_config(model):
                           ({"token_buckets": (16, 64)}, "token_buckets")]:
         with pytest.raises(ValueError, match=field):
             jvt.Engine(model, **{**ENGINE, **kwargs})
+
+
+def test_cli_generate_and_piped_chat(capsys, monkeypatch):
+    import io
+
+    from jvt.__main__ import main
+
+    assert main(["generate", "--prompt", "hi", "--prompt", "there", "--max-tokens", "3",
+                 "--max-model-len", "64"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- ") == 2 and "3 tokens" in out
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nagain\n"))
+    assert main(["chat", "--max-tokens", "4", "--max-model-len", "128"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("you> ") == 2 and out.count("tok/s]") == 2
+    assert main(["generate", "--prompt", "", "--max-model-len", "64"]) == 2

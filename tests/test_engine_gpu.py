@@ -1,0 +1,129 @@
+"""Engine equivalences on an NVIDIA GPU (device="cuda"), llama-3.2-1b shapes with 2 layers.
+
+The model keeps the real head layout and 128k vocabulary (bf16; 4 KiB of KV per token, 512
+tokens per 2 MiB chunk) but only 2 of its 16 layers, to keep the run short. Every engine
+uses one (T, S) step shape, so each token's arithmetic is the same whatever else is batched
+(the CUDA kernels choose their KV split count from static shapes only) and greedy outputs can
+be compared exactly. The reference runs one request at a time without prefix sharing.
+"""
+
+import dataclasses
+import math
+import random
+
+import jax
+import pytest
+
+import jvt
+from jvt import models
+from jvt.models.llama import init_params
+from jvt.types import SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+CONFIG = dataclasses.replace(models.preset_config("llama-3.2-1b"), num_layers=2)
+TPC = 512
+ENGINE = dict(device="cuda", max_num_seqs=16, max_model_len=2048, max_num_batched_tokens=512,
+              token_buckets=(512,), seq_buckets=(16,), prefill_chunk=200)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return models.Model(CONFIG, init_params(CONFIG, seed=5), models.ByteTokenizer())
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return jvt.Engine(model, **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    e = jvt.Engine(model, **ENGINE, enable_prefix_sharing=False)
+
+    def run(prompt, params=GREEDY):
+        return e.generate([prompt], params, use_tqdm=False)[0]
+    return run
+
+
+def _prompts(n, seed, lo=1, hi=900, prefix=()):
+    rng = random.Random(seed)
+    return [list(prefix) + [rng.randrange(256) for _ in range(rng.randint(lo, hi))]
+            for _ in range(n)]
+
+
+def test_batch_invariance_alone_vs_among_16_others(engine, reference):
+    prompts = _prompts(17, seed=1)
+    outs = engine.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == reference(prompt).token_ids
+
+
+def test_no_compilation_after_warmup(engine):
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        engine.generate(_prompts(9, seed=2), [SamplingParams(temperature=t, max_tokens=5 + i)
+                                              for i, t in enumerate([0.0, 1.0, 0.7] * 3)],
+                        use_tqdm=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [] and engine.runner.num_compiles == 1
+
+
+def test_session_turn_equals_recomputing_the_conversation(engine, reference):
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    with engine.session() as session:
+        for turn, text in enumerate(["hello", "tell me more " * 30, "ok"]):
+            messages = [*session.messages, {"role": "user", "content": text}]
+            out = session.send(text, params)
+            ids = engine.tokenizer.apply_chat_template(messages)
+            assert out.token_ids == reference(ids, params).token_ids
+            if turn:
+                assert out.metrics.prefix_tokens_reused > 0
+
+
+def test_tiny_budget_preempts_and_outputs_stay_identical(model, reference):
+    e = jvt.Engine(model, **ENGINE, kv_budget_bytes=6 * (2 << 20), enable_prefix_sharing=False)
+    prompts = _prompts(8, seed=3, lo=300, hi=700)
+    params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+    outs = e.generate(prompts, params, use_tqdm=False)
+    assert e.stats()["preemptions"] > 0
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == reference(prompt, params).token_ids
+    assert e.store.stats().chunks_in_use == 0
+
+
+def test_prefix_sharing_same_outputs_fewer_chunks(model, reference):
+    common = _prompts(1, seed=4, lo=1100, hi=1100)[0]  # 2 whole chunks + 76 tokens
+    prompts = _prompts(5, seed=5, lo=1, hi=300, prefix=common)
+    e = jvt.Engine(model, **ENGINE)
+    first = e.generate(prompts[:1], GREEDY, use_tqdm=False)
+    rest = e.generate(prompts[1:], GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, first + rest):
+        assert out.token_ids == reference(prompt).token_ids
+    assert all(o.metrics.prefix_tokens_reused == 2 * TPC for o in rest)
+    unshared = sum(math.ceil((len(p) + GREEDY.max_tokens - 1) / TPC) for p in prompts)
+    assert e.stats()["chunks_in_use"] == unshared - 2 * (len(prompts) - 1)
+    e.free_cache()
+    assert e.store.stats().chunks_in_use == 0
+
+
+def test_abort_and_completion_return_every_chunk(model):
+    e = jvt.Engine(model, **ENGINE, enable_prefix_sharing=False)
+    rng = random.Random(6)
+    streams = [e.stream(p, SamplingParams(temperature=1.0, max_tokens=rng.randint(1, 200)))
+               for p in _prompts(20, seed=6)]
+    for s in streams[:10]:
+        next(s)
+    for i, s in enumerate(streams):
+        if i % 3 == 0:
+            s.close()
+        else:
+            list(s)
+    assert e.store.stats().chunks_in_use == 0
