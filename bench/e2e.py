@@ -191,46 +191,15 @@ def run_model(report: Report, plan: Plan, sweep, mixed, notes: list[str]) -> Non
         timed, start = jvt_serve(engine, mixed_reqs,
                                  on_step=lambda e: trace.append(memory.kv_sample(e)))
         mixed.add(plan.model, "jvt", *summarize(timed, start).values())
-        report.shared["kv_trace"] = {"model": plan.model, "config": cfg, "samples": trace,
-                                     "slots": max(plan.batches), "max_len": max_model_len(plan)}
+        report.shared["kv_trace"] = {"model": plan.model, "config": cfg, "samples": trace}
     finally:
         close_engine(engine)
         gc.collect()
 
-    # static JAX engine
-    from bench.static_engine import StaticEngine
-
-    try:
-        se = StaticEngine(cfg, model.params, slots=1, max_len=max_model_len(plan))
-        notes.append(check_tokens(f"static ({plan.model})", check_prompt, ref_tokens,
-                                  lambda ids: se.prefill(0, ids), plan.check_tol))
-        del se
-        static_ok = True
-    except CheckError as e:
-        report.skip("e2e", f"{plan.model} static engine", f"WRONG OUTPUT: {e}")
-        static_ok = False
-    if static_ok:
-        for b in plan.static_batches:
-            try:
-                se = StaticEngine(cfg, model.params, slots=b, max_len=max_model_len(plan))
-                se.warmup([plan.prompt_len])
-            except Exception as e:  # noqa: BLE001 - e.g. the max_len cache does not fit
-                report.skip("e2e", f"{plan.model} static batch {b}",
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                continue
-            sweep_point(report, sweep, plan, "static", b, lambda reqs, se=se: _static(se, reqs))
-            del se
-            gc.collect()
-        slots = max(plan.static_batches)
-        try:
-            se = StaticEngine(cfg, model.params, slots=slots, max_len=max_model_len(plan))
-            log(f"e2e {plan.model} static mixed workload ({slots} slots)")
-            se.warmup([len(p) for _, p, _ in mixed_reqs])
-            mixed.add(plan.model, f"static ({slots} slots)",
-                      *summarize(*_static(se, mixed_reqs)).values())
-            del se
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory for the max_len cache
-            report.skip("e2e", f"{plan.model} static mixed", f"{type(e).__name__}: {e}"[:300])
+    static_cfg = run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep,
+                            mixed, notes)
+    if "kv_trace" in report.shared:
+        report.shared["kv_trace"].update(static_cfg)
     gc.collect()
 
     # HF transformers
@@ -239,6 +208,55 @@ def run_model(report: Report, plan: Plan, sweep, mixed, notes: list[str]) -> Non
                 "HF generate serves one static batch: no arrivals or continuous batching")
     del model
     gc.collect()
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep, mixed,
+               notes) -> dict:
+    """The static engine: greedy check, sweep, mixed workload. Its cache is sized as a
+    static server would be: max_len = the longest request of the run (rounded to 128).
+    Returns the mixed run's {"slots", "max_len"} (the memory part's static scheme)."""
+    from bench.static_engine import StaticEngine
+
+    cfg = model.config
+    slots = max(plan.static_batches)
+    mixed_len = round_up(plan.max_prompt + plan.max_output, 128)
+    try:
+        se = StaticEngine(cfg, model.params, slots=1,
+                          max_len=round_up(CHECK_PROMPT_LEN + CHECK_TOKENS, 128))
+        notes.append(check_tokens(f"static ({plan.model})", check_prompt, ref_tokens,
+                                  lambda ids: se.prefill(0, ids), plan.check_tol))
+    except Exception as e:  # noqa: BLE001 - CheckError or a failing attention backend
+        report.skip("e2e", f"{plan.model} static engine",
+                    f"{'WRONG OUTPUT' if isinstance(e, CheckError) else 'failed'}: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        return {"slots": slots, "max_len": mixed_len}
+    sweep_len = round_up(plan.prompt_len + plan.output_len, 128)
+    for b in plan.static_batches:
+        se = None
+        try:
+            se = StaticEngine(cfg, model.params, slots=b, max_len=sweep_len)
+            se.warmup([plan.prompt_len])
+        except Exception as e:  # noqa: BLE001 - e.g. the max_len cache does not fit
+            report.skip("e2e", f"{plan.model} static batch {b}",
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            continue
+        sweep_point(report, sweep, plan, "static", b, lambda reqs, se=se: _static(se, reqs))
+        se = None
+        gc.collect()
+    try:
+        se = StaticEngine(cfg, model.params, slots=slots, max_len=mixed_len)
+        log(f"e2e {plan.model} static mixed workload ({slots} slots x {mixed_len})")
+        se.warmup([len(p) for _, p, _ in mixed_reqs])
+        mixed.add(plan.model, f"static ({slots} slots)",
+                  *summarize(*_static(se, mixed_reqs)).values())
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory for the max_len cache
+        report.skip("e2e", f"{plan.model} static mixed",
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    return {"slots": slots, "max_len": mixed_len}
 
 
 def _static(se, reqs) -> tuple[list[Timed], float]:

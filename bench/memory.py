@@ -164,7 +164,7 @@ def run(report, smoke: bool) -> None:
                      f"{shape.token_bytes // 1024} KiB/token, {len(steps)} steps)",
                      ["scheme", "mean MiB", "peak MiB", "mean / live", "peak / live peak"])
     t.notes.append("live = tokens held x token_bytes; static = slots x max_len "
-                   f"({slots} x {max_len}); jvt measured = chunks in use x {chunk >> 20} MiB "
+                   f"({slots} x {max_len}, the static engine's mixed-workload cache); jvt measured = chunks in use x {chunk >> 20} MiB "
                    "from engine stats each step; the others computed on the same lengths")
     mean_live, peak_live = _mean(live), max(live, default=0)
     for name, series in tl.items():
@@ -197,8 +197,9 @@ def _mean(xs) -> float:
 
 
 def _own_trace(smoke: bool) -> dict:
-    from bench import e2e, workload
     from jvt.models import load
+
+    from bench import e2e, workload
 
     plan = e2e.SMOKE[0] if smoke else e2e.FULL[0]
     model = load(plan.model, dtype=plan.dtype)
@@ -212,4 +213,5 @@ def _own_trace(smoke: bool) -> dict:
     finally:
         e2e.close_engine(engine)
     return {"model": plan.model, "config": model.config, "samples": stats,
-            "slots": max(plan.batches), "max_len": e2e.max_model_len(plan)}
+            "slots": max(plan.static_batches),
+            "max_len": e2e.round_up(plan.max_prompt + plan.max_output, 128)}

@@ -32,7 +32,9 @@ class Plan:
     token_buckets: tuple[int, ...] | None
 
 
-FULL = Plan("llama-3.2-1b", 4, 8, 400.0, 448, 32, 4096, (16, 1024))
+# 8 turns of at most 384 + 4 template tokens plus replies re-encoded from text (a random-weight
+# reply of 32 tokens renders as up to 96 bytes) stay below max_model_len 4096.
+FULL = Plan("llama-3.2-1b", 4, 8, 300.0, 384, 32, 4096, (16, 1024))
 SMOKE = Plan("tiny", 2, 8, 20.0, 40, 4, 512, None)
 
 

@@ -29,8 +29,9 @@ MODES = ("ahead", "inline", "prefetch")
 
 
 def _setup(cfg, params, batch: int, start_len: int, max_tokens: int):
-    from jvt.kv import KVStore
     from jvt.models import llama
+
+    from jvt.kv import KVStore
     from jvt.types import AttnMeta
 
     gpu = jax.default_backend() == "gpu"
@@ -42,8 +43,10 @@ def _setup(cfg, params, batch: int, start_len: int, max_tokens: int):
 
     @jax.jit
     def step(params, tokens, meta):
+        """Greedy next token of each sequence (logits of its last row only)."""
         hidden = llama.forward(params, tokens, meta, config=cfg, store_id=sid)
-        return jnp.argmax(llama.logits(params, hidden, config=cfg), axis=-1).astype(jnp.int32)
+        last = hidden[meta.seq_start[1:] - 1]
+        return jnp.argmax(llama.logits(params, last, config=cfg), axis=-1).astype(jnp.int32)
 
     def meta(lengths: np.ndarray, n_new: int) -> AttnMeta:
         starts = np.arange(batch + 1, dtype=np.int32) * n_new
@@ -57,7 +60,7 @@ def _setup(cfg, params, batch: int, start_len: int, max_tokens: int):
         store.reserve(s, start_len)
     rng = np.random.default_rng(0)
     prompt = jnp.asarray(rng.integers(0, 256, batch * start_len).astype(np.int32))
-    tokens = step(params, prompt, meta(lengths, start_len)).reshape(batch, start_len)[:, -1]
+    tokens = step(params, prompt, meta(lengths, start_len))
     jax.block_until_ready(tokens)
     store.check()
     return store, step, meta, lengths, tokens
