@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -18,15 +19,14 @@ namespace {
 namespace ffi = xla::ffi;
 using cuda::SplitKV;
 
-constexpr int kMaxSplits = 64;
-constexpr int kCtasPerSm = 4;  // split until this many attention CTAs per SM are in flight
-
 ffi::Error launch_error(const char* kernel) {
   const cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) return ffi::Error::Success();
   return ffi::Error::Internal(std::string("jvt_attention: launching ") + kernel + " failed: " +
                               cudaGetErrorString(err));
 }
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // Query heads per CTA: the smallest of 1, 2, 4, 8 covering the GQA group, at most 8.
 int heads_per_cta(int group) {
@@ -35,31 +35,87 @@ int heads_per_cta(int group) {
   return hb;
 }
 
-// Enough CTAs to fill the GPU when there are few rows (decode); one split when rows
-// alone fill it (prefill), so the attention kernel writes out directly.
-int choose_splits(int64_t ctas) {
-  int device = 0, sms = 0;
+// CTAs of `kernel` the whole GPU holds at once.
+template <typename Kernel>
+int64_t resident_ctas(Kernel kernel, int threads) {
+  int device = 0, sms = 0, per_sm = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess) {
     cudaGetLastError();  // a failed query only costs a less tuned split count
-    sms = 132;
+    return 2 * 132;
   }
-  const int64_t target = int64_t(kCtasPerSm) * sms;
-  if (ctas >= target) return 1;
-  return static_cast<int>(std::min<int64_t>(kMaxSplits, (target + ctas - 1) / ctas));
+  return int64_t{sms} * std::max(per_sm, 1);
 }
 
+// FlashAttention-2's rule, from static shapes only: no split when the rows alone fill 80% of
+// the GPU (prefill); otherwise the fewest splits whose last wave of CTAs is at least 85% as
+// full as the best count's (decode).
+int choose_splits(int64_t ctas, int64_t resident) {
+  if (ctas * 5 >= resident * 4) return 1;
+  double efficiency[cuda::kMaxSplits + 1] = {};
+  double best = 0.0;
+  for (int s = 1; s <= cuda::kMaxSplits; ++s) {
+    const double waves = static_cast<double>(ctas * s) / resident;
+    efficiency[s] = waves / std::ceil(waves);
+    best = std::max(best, efficiency[s]);
+  }
+  for (int s = 1; s <= cuda::kMaxSplits; ++s) {
+    if (efficiency[s] >= 0.85 * best) return s;
+  }
+  return 1;
+}
+
+// Scratch, splits and the four launches for one (dtype, head_dim, heads per CTA).
 template <typename T, int D, int HB>
-ffi::Error launch_attention(const AttnParams& p, const SplitKV& sk, const int32_t* seq_ok,
-                            cudaStream_t stream) {
+ffi::Error run_attention(const AttnParams& p, ffi::ScratchAllocator& scratch,
+                         cudaStream_t stream) {
   using C = cuda::SplitKVConfig<D, HB>;
+  auto* kernel = cuda::split_kv_attention_kernel<T, D, HB>;
+  // Queried once per kernel: the GPUs of one process are assumed alike.
+  static const int64_t resident = resident_ctas(kernel, C::kThreads);
+  const int group = p.q_heads / p.kv_heads;
+  SplitKV sk{};
+  sk.head_blocks = (group + HB - 1) / HB;
+  sk.num_splits = choose_splits(p.num_rows * p.kv_heads * sk.head_blocks, resident);
+
+  // One scratch block: seq_ok [S] int32, then (when split) partial_o and partial_lse.
+  const int64_t seq_ok_bytes = (std::max<int64_t>(p.num_seqs, 1) * 4 + 255) / 256 * 256;
+  const int64_t plane = p.num_rows * p.q_heads;
+  const int64_t partial_bytes =
+      sk.num_splits > 1 ? sk.num_splits * plane * (D + 1) * int64_t{sizeof(float)} : 0;
+  // 16: the largest alignment XLA's FFI allocator accepts.
+  std::optional<void*> block = scratch.Allocate(seq_ok_bytes + partial_bytes, 16);
+  if (!block.has_value()) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "jvt_attention: no scratch memory for " +
+                          std::to_string(seq_ok_bytes + partial_bytes) + " bytes");
+  }
+  auto* seq_ok = static_cast<int32_t*>(*block);
+  if (sk.num_splits > 1) {
+    sk.partial_o = reinterpret_cast<float*>(static_cast<uint8_t*>(*block) + seq_ok_bytes);
+    sk.partial_lse = sk.partial_o + sk.num_splits * plane * D;
+  }
+
+  if (p.num_seqs > 0) {
+    const unsigned blocks = static_cast<unsigned>((p.num_seqs + 127) / 128);
+    cuda::check_sequences_kernel<<<blocks, 128, 0, stream>>>(p, seq_ok);
+    if (ffi::Error err = launch_error("check_sequences"); err.failure()) return err;
+  }
+  const int64_t row_vecs = int64_t{p.kv_heads} * D * int64_t{sizeof(T)} / 16;
+  const int64_t append_threads = p.num_rows * 2 * row_vecs;
+  cuda::append_kv_kernel<<<static_cast<unsigned>((append_threads + 255) / 256), 256, 0,
+                           stream>>>(p, seq_ok, row_vecs);
+  if (ffi::Error err = launch_error("append_kv"); err.failure()) return err;
+
   const dim3 grid(static_cast<unsigned>(p.num_rows),
                   static_cast<unsigned>(p.kv_heads * sk.head_blocks),
                   static_cast<unsigned>(sk.num_splits));
-  cuda::split_kv_attention_kernel<T, D, HB><<<grid, C::kThreads, 0, stream>>>(p, sk, seq_ok);
+  kernel<<<grid, C::kThreads, 0, stream>>>(p, sk, seq_ok);
   if (ffi::Error err = launch_error("split_kv_attention"); err.failure()) return err;
   if (sk.num_splits > 1) {
-    cuda::merge_splits_kernel<T><<<static_cast<unsigned>(p.num_rows), 128, 0, stream>>>(p, sk);
+    const dim3 merge_grid(static_cast<unsigned>(p.num_rows), static_cast<unsigned>(p.q_heads));
+    cuda::merge_splits_kernel<T><<<merge_grid, D, 0, stream>>>(p, sk);
     return launch_error("merge_splits");
   }
   return ffi::Error::Success();
@@ -68,24 +124,22 @@ ffi::Error launch_attention(const AttnParams& p, const SplitKV& sk, const int32_
 // The one place where runtime switches (dtype, head_dim, heads per CTA) become template
 // constants.
 template <typename T, int D>
-ffi::Error dispatch_heads(const AttnParams& p, const SplitKV& sk, int hb, const int32_t* seq_ok,
+ffi::Error dispatch_heads(const AttnParams& p, ffi::ScratchAllocator& scratch,
                           cudaStream_t stream) {
-  switch (hb) {
-    case 1: return launch_attention<T, D, 1>(p, sk, seq_ok, stream);
-    case 2: return launch_attention<T, D, 2>(p, sk, seq_ok, stream);
-    case 4: return launch_attention<T, D, 4>(p, sk, seq_ok, stream);
-    default: return launch_attention<T, D, 8>(p, sk, seq_ok, stream);
+  switch (heads_per_cta(p.q_heads / p.kv_heads)) {
+    case 1: return run_attention<T, D, 1>(p, scratch, stream);
+    case 2: return run_attention<T, D, 2>(p, scratch, stream);
+    case 4: return run_attention<T, D, 4>(p, scratch, stream);
+    default: return run_attention<T, D, 8>(p, scratch, stream);
   }
 }
 
 template <typename T>
-ffi::Error dispatch_head_dim(const AttnParams& p, const SplitKV& sk, int hb,
-                             const int32_t* seq_ok, cudaStream_t stream) {
-  if (p.head_dim == 64) return dispatch_heads<T, 64>(p, sk, hb, seq_ok, stream);
-  return dispatch_heads<T, 128>(p, sk, hb, seq_ok, stream);
+ffi::Error dispatch_head_dim(const AttnParams& p, ffi::ScratchAllocator& scratch,
+                             cudaStream_t stream) {
+  if (p.head_dim == 64) return dispatch_heads<T, 64>(p, scratch, stream);
+  return dispatch_heads<T, 128>(p, scratch, stream);
 }
-
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 ffi::Error attention_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
                           ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer seq_start,
@@ -112,44 +166,8 @@ ffi::Error attention_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ff
     return ffi::Error::Internal("jvt_attention: buffers and the KV layout must be 16-byte aligned");
   }
   if (p.num_rows == 0) return ffi::Error::Success();
-
-  const int group = p.q_heads / p.kv_heads;
-  const int hb = heads_per_cta(group);
-  SplitKV sk{};
-  sk.head_blocks = (group + hb - 1) / hb;
-  sk.num_splits = choose_splits(p.num_rows * p.kv_heads * sk.head_blocks);
-
-  // One scratch block: seq_ok [S] int32, then (when split) partial_o and partial_lse.
-  const int64_t seq_ok_bytes = (std::max<int64_t>(p.num_seqs, 1) * 4 + 255) / 256 * 256;
-  const int64_t plane = p.num_rows * p.q_heads;
-  const int64_t partial_bytes =
-      sk.num_splits > 1 ? sk.num_splits * plane * (p.head_dim + 1) * int64_t(sizeof(float)) : 0;
-  // 16: the largest alignment XLA's FFI allocator accepts.
-  std::optional<void*> block = scratch.Allocate(seq_ok_bytes + partial_bytes, 16);
-  if (!block.has_value()) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                      "jvt_attention: no scratch memory for " +
-                          std::to_string(seq_ok_bytes + partial_bytes) + " bytes");
-  }
-  auto* seq_ok = static_cast<int32_t*>(*block);
-  if (sk.num_splits > 1) {
-    sk.partial_o = reinterpret_cast<float*>(static_cast<uint8_t*>(*block) + seq_ok_bytes);
-    sk.partial_lse = sk.partial_o + sk.num_splits * plane * p.head_dim;
-  }
-
-  if (p.num_seqs > 0) {
-    const unsigned blocks = static_cast<unsigned>((p.num_seqs + 127) / 128);
-    cuda::check_sequences_kernel<<<blocks, 128, 0, stream>>>(p, seq_ok);
-    if (ffi::Error err = launch_error("check_sequences"); err.failure()) return err;
-  }
-  const int64_t row_vecs = p.kv_heads * p.head_dim * dtype_bytes(p.dtype) / 16;
-  const int64_t append_threads = p.num_rows * 2 * row_vecs;
-  cuda::append_kv_kernel<<<static_cast<unsigned>((append_threads + 255) / 256), 256, 0,
-                           stream>>>(p, seq_ok, row_vecs);
-  if (ffi::Error err = launch_error("append_kv"); err.failure()) return err;
-
-  if (p.dtype == DType::kBF16) return dispatch_head_dim<__nv_bfloat16>(p, sk, hb, seq_ok, stream);
-  return dispatch_head_dim<__half>(p, sk, hb, seq_ok, stream);
+  if (p.dtype == DType::kBF16) return dispatch_head_dim<__nv_bfloat16>(p, scratch, stream);
+  return dispatch_head_dim<__half>(p, scratch, stream);
 }
 
 XLA_FFI_DEFINE_HANDLER(kHandler, attention_cuda,

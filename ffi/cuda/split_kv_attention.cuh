@@ -18,6 +18,8 @@
 
 namespace jvt::cuda {
 
+constexpr int kMaxSplits = 64;  // merge_splits_kernel: warp 0 holds two splits per lane
+
 struct SplitKV {
   int32_t num_splits;   // key ranges per row; 1: the attention kernel writes out directly
   int32_t head_blocks;  // CTAs per kv head: ceil(group / HB)
@@ -106,18 +108,24 @@ split_kv_attention_kernel(AttnParams p, SplitKV sk, const int32_t* seq_ok) {
     for (int e = 0; e < kVec; ++e) acc[g][e] = 0.f;
   }
 
-  for (int t0 = kv_begin; t0 < kv_end; t0 += C::kTile) {
-    uint4 kr[C::kUnroll], vr[C::kUnroll];
+  // Software pipeline: the next tile's K/V loads are in flight while this tile is computed.
+  uint4 kr[C::kUnroll], vr[C::kUnroll];
+  auto load_tile = [&](int t0, uint4 (&kt)[C::kUnroll], uint4 (&vt)[C::kUnroll]) {
 #pragma unroll
     for (int u = 0; u < C::kUnroll; ++u) {
       const int t = t0 + u * C::kGroups + tgroup;
       if (t < kv_end) {
-        kr[u] = load_nc(k_base + t * p.token_bytes);
-        vr[u] = load_nc(v_base + t * p.token_bytes);
+        kt[u] = load_nc(k_base + t * p.token_bytes);
+        vt[u] = load_nc(v_base + t * p.token_bytes);
       } else {
-        kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+        kt[u] = vt[u] = make_uint4(0, 0, 0, 0);
       }
     }
+  };
+  load_tile(kv_begin, kr, vr);
+  for (int t0 = kv_begin; t0 < kv_end; t0 += C::kTile) {
+    uint4 kn[C::kUnroll], vn[C::kUnroll];
+    load_tile(t0 + C::kTile, kn, vn);
     float s[C::kUnroll][HB];
 #pragma unroll
     for (int u = 0; u < C::kUnroll; ++u) {
@@ -161,6 +169,11 @@ split_kv_attention_kernel(AttnParams p, SplitKV sk, const int32_t* seq_ok) {
         for (int e = 0; e < kVec; ++e) acc[g][e] = fmaf(pr, vf[e], acc[g][e]);
       }
     }
+#pragma unroll
+    for (int u = 0; u < C::kUnroll; ++u) {
+      kr[u] = kn[u];
+      vr[u] = vn[u];
+    }
   }
 
   // Combine the token groups: each holds (m, l, acc) over its own subset of the keys.
@@ -199,31 +212,46 @@ split_kv_attention_kernel(AttnParams p, SplitKV sk, const int32_t* seq_ok) {
   }
 }
 
-// One CTA per row: out = sum_s w_s o_s / sum_s w_s with w_s = exp2(lse_s - max lse).
-// A row whose splits are all empty (padding, rejected sequence) gets zeros.
+// Grid (row, q head), D threads: out = sum_s w_s o_s with w_s = exp2(lse_s - max) / sum.
+// Warp 0 turns the split's lse values into weights; a row whose splits are all empty
+// (padding, rejected sequence) gets zeros.
 template <typename T>
 __global__ void merge_splits_kernel(AttnParams p, SplitKV sk) {
-  const int64_t row = blockIdx.x;
+  static_assert(kMaxSplits <= 64, "warp 0 holds two splits per lane");
+  __shared__ float weight[kMaxSplits];
   const int64_t plane = p.num_rows * p.q_heads;
-  const int D = p.head_dim;
-  for (int i = threadIdx.x; i < p.q_heads * D; i += blockDim.x) {
-    const int64_t entry = row * p.q_heads + i / D;
-    const int d = i % D;
-    float mx = -INFINITY;
-    for (int s = 0; s < sk.num_splits; ++s) mx = fmaxf(mx, sk.partial_lse[s * plane + entry]);
-    float sum = 0.f, o = 0.f;
-    if (mx != -INFINITY) {
-      for (int s = 0; s < sk.num_splits; ++s) {
-        const float lse = sk.partial_lse[s * plane + entry];
-        if (lse == -INFINITY) continue;  // its partial output was never written
-        const float w = fast_exp2(lse - mx);
-        sum += w;
-        o += w * sk.partial_o[(s * plane + entry) * D + d];
-      }
-      o /= sum;
+  const int64_t entry = blockIdx.x * int64_t(p.q_heads) + blockIdx.y;
+  if (threadIdx.x < 32) {
+    float lse[2], mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int s = threadIdx.x + 32 * j;
+      lse[j] = s < sk.num_splits ? sk.partial_lse[s * plane + entry] : -INFINITY;
+      mx = fmaxf(mx, lse[j]);
     }
-    static_cast<T*>(p.out)[entry * D + d] = from_float<T>(o);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    float w[2], sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      w[j] = lse[j] == -INFINITY ? 0.f : fast_exp2(lse[j] - mx);
+      sum += w[j];
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int s = threadIdx.x + 32 * j;
+      if (s < sk.num_splits) weight[s] = sum > 0.f ? w[j] / sum : 0.f;
+    }
   }
+  __syncthreads();
+  const int d = threadIdx.x;
+  float o = 0.f;
+  for (int s = 0; s < sk.num_splits; ++s) {
+    if (weight[s] != 0.f) o += weight[s] * sk.partial_o[(s * plane + entry) * p.head_dim + d];
+  }
+  static_cast<T*>(p.out)[entry * p.head_dim + d] = from_float<T>(o);
 }
 
 }  // namespace jvt::cuda
