@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from jvt import models
@@ -79,7 +80,7 @@ class Engine:
         mc = self.model.config
         self.tokenizer = self.model.tokenizer
         token_bytes = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * \
-            jax.numpy.dtype(mc.jnp_dtype).itemsize
+            np.dtype(mc.jnp_dtype).itemsize
         chunk = math.lcm(_GRANULARITY, token_bytes)
         budget = cfg.kv_budget_bytes or cfg.max_num_seqs * chunk * math.ceil(
             cfg.max_model_len * token_bytes / chunk)
@@ -278,7 +279,8 @@ class Engine:
         before = len(req.text)
         req.text = self._decode(req)
         for stop in params.stop:
-            at = req.text.find(stop, max(0, before - len(stop)))
+            # The new token may also complete a character held as U+FFFD: look a bit back.
+            at = req.text.find(stop, max(0, before - len(stop) - 4))
             if at >= 0:
                 req.text = req.text[:at]
                 return "stop"
@@ -356,14 +358,6 @@ class Engine:
         self._requests[seq.request_id] = req
         self.scheduler.add(seq)
         return req
-
-    def request(self, request_id: str) -> RequestOutput | None:
-        """The current state of a queued or running request (None once returned/unknown)."""
-        req = self._requests.get(request_id)
-        if req is None:
-            return None
-        req.metrics.prefix_tokens_reused = req.seq.prefix_reused
-        return req.output()
 
 
 def _is_token_list(x) -> bool:

@@ -7,6 +7,7 @@ size), S the number of sequence entries of a step (a bucket size).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 
@@ -93,7 +94,7 @@ def _check_int(name: str, value, *, lo: int, hi: int | None = None) -> None:
 
 def _check_number(name: str, value, *, lo: float, hi: float | None = None,
                   lo_open: bool = False) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
         raise ValueError(f"SamplingParams.{name} must be a number, got {value!r}")
     if (value <= lo if lo_open else value < lo) or (hi is not None and value > hi):
         left = "(" if lo_open else "["

@@ -14,7 +14,6 @@ import pytest
 
 import jvt
 from jvt import models
-from jvt.models.llama import init_params
 from jvt.types import SamplingParams
 
 WIDE = models.ModelConfig(
@@ -23,13 +22,13 @@ WIDE = models.ModelConfig(
     bos_token_id=256, eos_token_id=(257, 262))
 TPC = 64  # tokens per 2 MiB chunk for WIDE
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-ENGINE = dict(max_num_seqs=8, max_model_len=384, max_num_batched_tokens=128,
-              token_buckets=(16, 128), seq_buckets=(8,), prefill_chunk=48)
+ENGINE = {"max_num_seqs": 8, "max_model_len": 384, "max_num_batched_tokens": 128,
+          "token_buckets": (16, 128), "seq_buckets": (8,), "prefill_chunk": 48}
 
 
 @pytest.fixture(scope="module")
 def model():
-    return models.Model(WIDE, init_params(WIDE, seed=3), models.ByteTokenizer())
+    return models.Model(WIDE, models.llama.init_params(WIDE, seed=3), models.ByteTokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,6 @@ def _in_use(engine):
 
 def test_greedy_matches_transformers_generate(tmp_path):
     import torch
-
     from hf_fixtures import build_hf_model, save_hf_model
 
     hf = build_hf_model("llama3", seed=1)

@@ -16,21 +16,21 @@ import pytest
 
 import jvt
 from jvt import models
-from jvt.models.llama import init_params
 from jvt.types import SamplingParams
 
 pytestmark = pytest.mark.gpu
 
 CONFIG = dataclasses.replace(models.preset_config("llama-3.2-1b"), num_layers=2)
 TPC = 512
-ENGINE = dict(device="cuda", max_num_seqs=16, max_model_len=2048, max_num_batched_tokens=512,
-              token_buckets=(512,), seq_buckets=(16,), prefill_chunk=200)
+ENGINE = {"device": "cuda", "max_num_seqs": 16, "max_model_len": 2048,
+          "max_num_batched_tokens": 512, "token_buckets": (512,), "seq_buckets": (16,),
+          "prefill_chunk": 200}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return models.Model(CONFIG, init_params(CONFIG, seed=5), models.ByteTokenizer())
+    return models.Model(CONFIG, models.llama.init_params(CONFIG, seed=5), models.ByteTokenizer())
 
 
 @pytest.fixture(scope="module")

@@ -244,7 +244,7 @@ def test_tiny_budget_forces_preemption_and_outputs_stay_identical():
     rng = random.Random(1)
     reqs = [([rng.randrange(1, VOCAB) for _ in range(rng.randint(5, 20))], 30, i)
             for i in range(12)]
-    store, sched, seqs = run_requests(reqs, budget_chunks=14, sharing=False)
+    store, sched, _ = run_requests(reqs, budget_chunks=14, sharing=False)
     assert sched.num_preemptions > 0
     assert store.created <= 14
     assert_no_leak(store, sched, 4)
