@@ -154,16 +154,18 @@ def _rope(config: dict) -> tuple[float, dict | None]:
 def _hf_fields(config: dict) -> dict:
     arch = _architecture(config)
     max_pos = config.get("max_position_embeddings", 4096)
-    act = config.get("hidden_act", config.get("hidden_activation", "silu"))
+    act = config.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"unsupported hidden_act {act!r}; supported: 'silu' (SwiGLU)")
     if arch == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
         raise ValueError("Llama checkpoints with attention_bias or mlp_bias are not supported "
                          "(q/k/v bias is supported for Qwen2ForCausalLM only)")
     window = config.get("sliding_window")
-    uses_window = arch == "mistral" or config.get("use_sliding_window", False)
-    if "sliding_attention" in (config.get("layer_types") or []):
-        uses_window = True
+    layer_types = config.get("layer_types")
+    if layer_types is not None:  # transformers 5 spells out which layers use the window
+        uses_window = "sliding_attention" in layer_types
+    else:
+        uses_window = arch == "mistral" or config.get("use_sliding_window", False)
     if uses_window and window is not None and window < max_pos:
         raise ValueError(
             f"sliding-window attention (window {window} < context {max_pos}) is not supported; "

@@ -71,8 +71,11 @@ def test_from_hf_legacy_rope_spelling_matches():
                             "original_max_position_embeddings": 32}), "'yarn'"),
     (_hf_dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "'dynamic'"),
     (_hf_dict(transformers.MistralConfig, sliding_window=64), "sliding-window"),
-    (_hf_dict(transformers.Qwen2Config, use_sliding_window=True, sliding_window=64),
-     "sliding-window"),
+    (_hf_dict(transformers.Qwen2Config, use_sliding_window=True, sliding_window=64,
+              max_window_layers=1), "sliding-window"),
+    ({k: v for k, v in _hf_dict(transformers.Qwen2Config, use_sliding_window=True,
+                                sliding_window=64).items()
+      if k != "layer_types"}, "sliding-window"),  # transformers 4 configs: flags only
     (_hf_dict(attention_bias=True), "attention_bias"),
     (_hf_dict(hidden_act="gelu"), "hidden_act"),
     (_hf_dict(dtype="float64"), "dtype"),
@@ -82,9 +85,13 @@ def test_from_hf_rejects_unsupported(hf, match):
         ModelConfig.from_hf(hf)
 
 
-def test_from_hf_accepts_window_covering_the_context():
-    config = ModelConfig.from_hf(_hf_dict(transformers.MistralConfig, sliding_window=512))
-    assert config.num_layers == 2
+def test_from_hf_accepts_full_attention_windows():
+    """A window covering the context, or a Qwen2 window only on layers past the last one."""
+    assert ModelConfig.from_hf(_hf_dict(transformers.MistralConfig, sliding_window=512))
+    qwen = _hf_dict(transformers.Qwen2Config, use_sliding_window=True, sliding_window=64,
+                    max_window_layers=2)
+    assert set(qwen["layer_types"]) == {"full_attention"}
+    assert ModelConfig.from_hf(qwen).qkv_bias
 
 
 @pytest.mark.parametrize("change, match", [
