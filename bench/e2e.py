@@ -111,13 +111,15 @@ def _greedy(n: int):
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
-def submit(engine, prompt: list[int], params) -> str:
-    """Queue one request without blocking; returns its request id."""
+def submit(engine, prompt: list[int], params):
+    """Queue one request without blocking; returns a handle with .finished and .output().
+
+    jvt.Engine has no public non-blocking submit yet (generate() blocks until its batch is
+    done), so this queues exactly as generate() does, through its private _check/_add."""
     add = getattr(engine, "add_request", None)
     if add is not None:
         return add(prompt, params)
-    # jvt.Engine has no public non-blocking submit yet: validate and queue as generate() does.
-    return engine._add(*engine._check(prompt, params, "prompt")).seq.request_id
+    return engine._add(*engine._check(prompt, params, "prompt"))
 
 
 def jvt_serve(engine, requests: list[tuple[float, list[int], int]], on_step=None
@@ -126,7 +128,7 @@ def jvt_serve(engine, requests: list[tuple[float, list[int], int]], on_step=None
     the engine until all finish; on_step(engine) runs after every step.
     Returns (results in request order, start time)."""
     order = sorted(range(len(requests)), key=lambda i: requests[i][0])
-    pending: dict[str, int] = {}
+    pending: dict[object, int] = {}  # request handle -> index
     outputs: dict[int, object] = {}
     start = time.perf_counter()
     nxt = 0
@@ -142,8 +144,8 @@ def jvt_serve(engine, requests: list[tuple[float, list[int], int]], on_step=None
         engine.step()
         if on_step is not None:
             on_step(engine)
-        for rid in [r for r in pending if engine.request(r).finished]:
-            outputs[pending.pop(rid)] = engine.request(rid)
+        for handle in [h for h in pending if h.finished]:
+            outputs[pending.pop(handle)] = handle.output()
     timed = [Timed(start + requests[i][0], list(outputs[i].metrics.token_times),
                    list(outputs[i].token_ids)) for i in range(len(requests))]
     return timed, start
@@ -224,11 +226,17 @@ def run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep,
     cfg = model.config
     slots = max(plan.static_batches)
     mixed_len = round_up(plan.max_prompt + plan.max_output, 128)
+    impl = None
     try:
-        se = StaticEngine(cfg, model.params, slots=1,
+        impl = _static_impl(cfg, model.params, check_prompt, notes)
+        se = StaticEngine(cfg, model.params, slots=1, impl=impl,
                           max_len=round_up(CHECK_PROMPT_LEN + CHECK_TOKENS, 128))
         notes.append(check_tokens(f"static ({plan.model})", check_prompt, ref_tokens,
                                   lambda ids: se.prefill(0, ids), plan.check_tol))
+        served = se.serve([(0.0, check_prompt, CHECK_TOKENS)])[0].token_ids
+        same = sum(a == b for a, b in zip(served, ref_tokens))
+        notes.append(f"static ({plan.model}, {se.impl} attention): its own greedy decode "
+                     f"matches jvt on {same}/{CHECK_TOKENS} tokens")
     except Exception as e:  # noqa: BLE001 - CheckError or a failing attention backend
         report.skip("e2e", f"{plan.model} static engine",
                     f"{'WRONG OUTPUT' if isinstance(e, CheckError) else 'failed'}: "
@@ -238,7 +246,7 @@ def run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep,
     for b in plan.static_batches:
         se = None
         try:
-            se = StaticEngine(cfg, model.params, slots=b, max_len=sweep_len)
+            se = StaticEngine(cfg, model.params, slots=b, max_len=sweep_len, impl=impl)
             se.warmup([plan.prompt_len])
         except Exception as e:  # noqa: BLE001 - e.g. the max_len cache does not fit
             report.skip("e2e", f"{plan.model} static batch {b}",
@@ -248,7 +256,7 @@ def run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep,
         se = None
         gc.collect()
     try:
-        se = StaticEngine(cfg, model.params, slots=slots, max_len=mixed_len)
+        se = StaticEngine(cfg, model.params, slots=slots, max_len=mixed_len, impl=impl)
         log(f"e2e {plan.model} static mixed workload ({slots} slots x {mixed_len})")
         se.warmup([len(p) for _, p, _ in mixed_reqs])
         mixed.add(plan.model, f"static ({slots} slots)",
@@ -257,6 +265,23 @@ def run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep,
         report.skip("e2e", f"{plan.model} static mixed",
                     f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
     return {"slots": slots, "max_len": mixed_len}
+
+
+def _static_impl(cfg, params, prompt: list[int], notes: list[str]) -> str:
+    """The static engine's attention: its default (cuDNN on GPU) when a prefill and a decode
+    step run with it, else XLA (noted in the report)."""
+    from bench.static_engine import StaticEngine, default_impl
+
+    impl = default_impl()
+    if impl == "xla":
+        return impl
+    try:
+        StaticEngine(cfg, params, slots=2, max_len=128, impl=impl).serve([(0.0, prompt, 2)])
+        return impl
+    except Exception as e:  # noqa: BLE001 - cuDNN may reject a shape or a mask
+        notes.append(f"static engine: {impl} attention failed ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:200]}); using XLA attention instead")
+        return "xla"
 
 
 def _static(se, reqs) -> tuple[list[Timed], float]:

@@ -65,6 +65,7 @@ def main(argv=None) -> None:
             traceback.print_exc()
             report.skip(part, "whole part", f"failed: {type(e).__name__}: {e}")
             failed.append(part)
+        report.write()  # after every part, so a run cut short keeps what it measured
     headline = report.write()
     log(f"wrote {args.out}/report.md, results.json and {len(report.plots)} plot(s)")
     print("\n" + headline, flush=True)
