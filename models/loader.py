@@ -55,8 +55,9 @@ class Model:
     tokenizer: Tokenizer
 
 
-def load(model: str, *, dtype: str | None = None, cache_dir: str | os.PathLike | None = None,
-         seed: int = 0, use_cache: bool = True) -> Model:
+def load(model: str | os.PathLike, *, dtype: str | None = None,
+         cache_dir: str | os.PathLike | None = None, seed: int = 0,
+         use_cache: bool = True) -> Model:
     """Load a preset by name or a local Hugging Face checkpoint directory.
 
     Args:
@@ -69,6 +70,7 @@ def load(model: str, *, dtype: str | None = None, cache_dir: str | os.PathLike |
       seed: random-weights seed (presets only).
       use_cache: read and write the converted-params cache (checkpoints only).
     """
+    model = os.fspath(model)
     if model in PRESETS:
         config = _with_dtype(preset_config(model), dtype)
         return Model(config, init_params(config, seed), ByteTokenizer())
