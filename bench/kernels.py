@@ -270,6 +270,8 @@ def run_decode(report: Report, shape: Shape, bandwidth: float) -> None:
         f"Decode attention (bf16, Hq {shape.q_heads} / Hkv {shape.kv_heads} / D {shape.head_dim})",
         ["batch", "context", "impl", "ms", "GB/s", "% of floor", "max err", "H100 anchor ms"])
     table.notes.append(f"floor = KV bytes / copy bandwidth ({bandwidth / 1e9:.0f} GB/s measured)")
+    table.notes.append("H100 anchors at 32 x 4096 (design.md, ms): " + ", ".join(
+        f"{k} {v}" for k, v in ANCHORS_32x4096_MS.items()) + ", floor 0.179")
     scale = shape.head_dim ** -0.5
     series: dict[str, tuple[list, list]] = {}
     for b, length in shape.decode:
