@@ -286,3 +286,16 @@ def test_cli_generate_and_piped_chat(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.count("you> ") == 2 and out.count("tok/s]") == 2
     assert main(["generate", "--prompt", "", "--max-model-len", "64"]) == 2
+
+
+def test_chat_example_runs_with_piped_stdin():
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "examples" / "chat.py"
+    run = subprocess.run([sys.executable, str(script), "--max-tokens", "5"], input="hello\nbye\n",
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "random weights" in run.stdout
+    assert run.stdout.count("you> ") == 2 and run.stdout.count("ttft") == 2
