@@ -11,6 +11,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 
 import jax
@@ -370,9 +371,14 @@ def _jax_device(device: str, xla_mem_fraction: float) -> jax.Device:
         return jax.devices("cpu")[0]
     from jax._src import xla_bridge
 
-    if not xla_bridge.backends_are_initialized():
-        # KV chunks are mapped outside XLA's pool: keep XLA from preallocating most memory.
+    # KV chunks are mapped outside XLA's pool: keep XLA from preallocating most of the memory.
+    if not getattr(xla_bridge, "backends_are_initialized", lambda: True)():
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(xla_mem_fraction))
+    elif not {"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+              "XLA_PYTHON_CLIENT_ALLOCATOR"} & os.environ.keys():
+        warnings.warn("JAX was initialised before the Engine with XLA's default pool (75% of GPU "
+                      "memory), which leaves little for the KV cache: set "
+                      "XLA_PYTHON_CLIENT_MEM_FRACTION before importing JAX", stacklevel=3)
     index = int(device.partition(":")[2] or 0)
     gpus = jax.devices("gpu")
     if index >= len(gpus):

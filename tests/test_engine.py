@@ -295,7 +295,7 @@ def test_chat_example_runs_with_piped_stdin():
 
     script = pathlib.Path(__file__).parents[1] / "examples" / "chat.py"
     run = subprocess.run([sys.executable, str(script), "--max-tokens", "5"], input="hello\nbye\n",
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
     assert "random weights" in run.stdout
     assert run.stdout.count("you> ") == 2 and run.stdout.count("ttft") == 2
