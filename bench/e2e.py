@@ -316,7 +316,7 @@ def run_hf(report, plan, model, check_prompt, ref_tokens, sweep, notes) -> None:
         for b in plan.hf_batches:
             prompts = fixed_prompts(b, plan.prompt_len, seed=b)
             log(f"e2e {plan.model} HF batch {b}")
-            hf_baseline.generate(hf, prompts[:1], 2)  # warm-up
+            hf_baseline.generate(hf, prompts, 2)  # warm-up at this batch's shapes
             _, ttft = hf_baseline.generate(hf, prompts, 1)
             _, total = hf_baseline.generate(hf, prompts, plan.output_len)
             itl = (total - ttft) / max(1, plan.output_len - 1)
