@@ -13,6 +13,8 @@ import pytest
 import torch
 import transformers
 from hf_fixtures import FAMILIES, VOCAB, build_hf_model, hf_logits, save_hf_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jvt
 from jvt.models import llama, load, preset_config, save_hf_checkpoint
@@ -36,7 +38,8 @@ def _store(config, slots=3, max_tokens=128):
 
 def run_step(model, store, seqs, pad=0):
     """One packed step. seqs: [(slot, tokens, start)] where tokens take positions
-    start.. of slot. Returns (per-sequence logits [n_i, vocab], padding-row logits)."""
+    start.. of slot (an entry without tokens may have slot -1). Returns (per-sequence logits
+    [n_i, vocab], padding-row logits)."""
     tokens, positions, starts, slots, lens = [], [], [0], [], []
     for slot, toks, start in seqs:
         tokens += toks
@@ -44,7 +47,8 @@ def run_step(model, store, seqs, pad=0):
         starts.append(len(tokens))
         slots.append(slot)
         lens.append(start + len(toks))
-        store.reserve(slot, start + len(toks))
+        if toks:
+            store.reserve(slot, start + len(toks))
     tokens += [0] * pad
     positions += [0] * pad
     meta = AttnMeta(*(jnp.asarray(x, jnp.int32) for x in (positions, starts, slots, lens)))
@@ -106,6 +110,34 @@ def test_cached_decode_matches_full_forward(family, checkpoints):
     print(f"{family}: cached decode vs full forward {err_full:.2e}, vs transformers {err_hf:.2e}")
     assert err_full <= 1e-5
     assert err_hf <= FP32_TOL
+
+
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_mixed_steps_match_transformers(data, checkpoints):
+    """Two sequences advance together in steps of one fixed shape (T=16, S=2): random
+    prefill chunks and single-token decodes side by side, idle entries (slot -1) and padding;
+    every row's logits equal transformers' for that sequence."""
+    hf_model, path = checkpoints["llama3"]
+    model = load(str(path), use_cache=False)
+    lengths = [data.draw(st.integers(1, 24), label=f"len{i}") for i in range(2)]
+    toks = [_tokens(n, 10 + i) for i, n in enumerate(lengths)]
+    done, outs = [0, 0], [[], []]
+    with _store(model.config) as store:
+        while done != lengths:
+            sizes = [min(lengths[i] - done[i], data.draw(st.integers(0, 8), label="chunk"))
+                     for i in range(2)]
+            if not any(sizes):  # every step advances some sequence
+                first = 0 if done[0] < lengths[0] else 1
+                sizes[first] = 1
+            seqs = [(i if n else -1, toks[i][done[i]:done[i] + n], done[i])
+                    for i, n in enumerate(sizes)]
+            rows, _ = run_step(model, store, seqs, pad=16 - sum(len(t) for _, t, _ in seqs))
+            for i, (_, chunk, _) in enumerate(seqs):
+                outs[i].append(rows[i])
+                done[i] += len(chunk)
+    for i in range(2):
+        assert rel_err(np.concatenate(outs[i]), hf_logits(hf_model, toks[i])) <= FP32_TOL
 
 
 @pytest.mark.parametrize("saved", [torch.bfloat16, torch.float16])
