@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 import time
@@ -43,13 +44,20 @@ def environment(smoke: bool) -> dict:
     import jax
 
     dev = jax.devices()[0]
-    return {
+    meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "mode": "smoke" if smoke else "full",
         "device": f"{dev.platform}: {getattr(dev, 'device_kind', '?')}",
         "jax": jax.__version__,
         "python": platform.python_version(),
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
     }
+    for name in ("torch", "transformers"):
+        try:
+            meta[name] = importlib.import_module(name).__version__
+        except ImportError:
+            meta[name] = "not installed"
+    return meta
 
 
 def main(argv=None) -> None:
