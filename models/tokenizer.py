@@ -20,6 +20,8 @@ BYTE_CHAT_TEMPLATE = (
 
 
 class Tokenizer(Protocol):
+    """What the engine needs from a tokenizer (ByteTokenizer and HFTokenizer implement it)."""
+
     vocab_size: int
     bos_id: int | None
     eos_ids: tuple[int, ...]
@@ -34,15 +36,15 @@ class Tokenizer(Protocol):
 
 def _check_messages(messages: list[dict]) -> None:
     for m in messages:
-        if not isinstance(m, dict) or m.keys() < {"role", "content"}:
+        if not isinstance(m, dict) or not {"role", "content"} <= m.keys():
             raise ValueError(f"chat messages are dicts with 'role' and 'content', got {m!r}")
 
 
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0..255, then the special tokens of SPECIALS (256..262).
 
-    A model's vocabulary may be larger than the tokenizer's (padded presets): decode renders
-    such ids as U+FFFD. eos_ids are <|eos|> and <|end|> (end of a chat turn).
+    A model's vocabulary may be larger than the tokenizer's (the real-vocabulary presets):
+    decode renders such ids as U+FFFD. eos_ids are <|eos|> and <|end|> (end of a chat turn).
     """
 
     def __init__(self):

@@ -306,8 +306,9 @@ def test_chat_templates_agree(hf_byte_tokenizer):
     assert tok.decode(ids) == "Be brief.Hé?Oui.17"
     with pytest.raises(ValueError, match="unknown chat role"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
-    with pytest.raises(ValueError, match="'role' and 'content'"):
-        tok.apply_chat_template([{"content": "x"}])
+    for bad in ({"content": "x"}, {"text": "x"}, "hello"):
+        with pytest.raises(ValueError, match="'role' and 'content'"):
+            tok.apply_chat_template([bad])
 
 
 def test_byte_tokenizer_marks_ids_beyond_its_vocabulary():
