@@ -6,7 +6,7 @@ import os
 # own VMM allocations) and for torch (the HF baseline and the torch SDPA kernels).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
-from bench.run import main  # noqa: E402
+from bench.run import main
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bench import memory, workload
-from bench.memory import MiB, KVShape
+from bench.memory import KVShape, MiB
 
 LLAMA3_8B = KVShape(layers=32, kv_heads=8, head_dim=128)  # 128 KiB per token
 LLAMA32_1B = KVShape(layers=16, kv_heads=8, head_dim=64)  # 32 KiB per token
