@@ -22,6 +22,11 @@ import numpy as np
 _T0 = time.monotonic()
 
 
+def elapsed() -> float:
+    """Seconds since the run started (this module's import)."""
+    return time.monotonic() - _T0
+
+
 def log(msg: str) -> None:
     """Print one progress line: wall clock time and seconds since the run started."""
     print(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - _T0:7.1f}s] {msg}", flush=True)
@@ -165,9 +170,10 @@ class Report:
     """Everything a run produces: tables (markdown + JSON), skips with reasons, plots and the
     headline table printed last."""
 
-    def __init__(self, out_dir: Path, meta: dict[str, Any]):
+    def __init__(self, out_dir: Path, meta: dict[str, Any], budget_s: float = math.inf):
         self.out_dir = Path(out_dir)
         self.meta = meta
+        self.budget_s = budget_s  # wall-clock budget of the whole run
         self.tables: list[Table] = []
         self.plots: list[Plot] = []
         self.skips: list[dict[str, str]] = []
@@ -179,6 +185,13 @@ class Report:
         t = Table(title, columns)
         self.tables.append(t)
         return t
+
+    def out_of_time(self, section: str, what: str) -> bool:
+        """True (and the skip recorded) when the run's time budget is spent."""
+        if elapsed() < self.budget_s:
+            return False
+        self.skip(section, what, f"time budget of {self.budget_s:.0f} s spent")
+        return True
 
     def skip(self, section: str, what: str, reason: str) -> None:
         log(f"SKIP {section}/{what}: {reason}")

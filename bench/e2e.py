@@ -193,19 +193,19 @@ def run_model(report: Report, plan: Plan, sweep, mixed, notes: list[str]) -> Non
         timed, start = jvt_serve(engine, mixed_reqs,
                                  on_step=lambda e: trace.append(memory.kv_sample(e)))
         mixed.add(plan.model, "jvt", *summarize(timed, start).values())
-        report.shared["kv_trace"] = {"model": plan.model, "config": cfg, "samples": trace}
+        slots, max_len = static_mixed_shape(plan)
+        report.shared["kv_trace"] = {"model": plan.model, "config": cfg, "samples": trace,
+                                     "slots": slots, "max_len": max_len}
     finally:
         close_engine(engine)
         gc.collect()
 
-    static_cfg = run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep,
-                            mixed, notes)
-    if "kv_trace" in report.shared:
-        report.shared["kv_trace"].update(static_cfg)
-    gc.collect()
-
-    # HF transformers
-    run_hf(report, plan, model, check_prompt, ref_tokens, sweep, notes)
+    if not report.out_of_time("e2e", f"{plan.model} static engine"):
+        run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep, mixed,
+                   notes)
+        gc.collect()
+    if not report.out_of_time("e2e", f"{plan.model} HF transformers"):
+        run_hf(report, plan, model, check_prompt, ref_tokens, sweep, notes)
     report.skip("e2e", f"{plan.model} HF mixed workload",
                 "HF generate serves one static batch: no arrivals or continuous batching")
     del model
@@ -216,16 +216,20 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def static_mixed_shape(plan: Plan) -> tuple[int, int]:
+    """(slots, max_len) of the static engine's mixed-workload cache: as many slots as its
+    largest sweep batch, max_len = the longest possible request rounded up to 128."""
+    return max(plan.static_batches), round_up(plan.max_prompt + plan.max_output, 128)
+
+
 def run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep, mixed,
-               notes) -> dict:
+               notes) -> None:
     """The static engine: greedy check, sweep, mixed workload. Its cache is sized as a
-    static server would be: max_len = the longest request of the run (rounded to 128).
-    Returns the mixed run's {"slots", "max_len"} (the memory part's static scheme)."""
+    static server would be: max_len = the longest request of the run (rounded to 128)."""
     from bench.static_engine import StaticEngine
 
     cfg = model.config
-    slots = max(plan.static_batches)
-    mixed_len = round_up(plan.max_prompt + plan.max_output, 128)
+    slots, mixed_len = static_mixed_shape(plan)
     impl = None
     try:
         impl = _static_impl(cfg, model.params, check_prompt, notes)
@@ -241,7 +245,7 @@ def run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep,
         report.skip("e2e", f"{plan.model} static engine",
                     f"{'WRONG OUTPUT' if isinstance(e, CheckError) else 'failed'}: "
                     f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        return {"slots": slots, "max_len": mixed_len}
+        return
     sweep_len = round_up(plan.prompt_len + plan.output_len, 128)
     for b in plan.static_batches:
         se = None
@@ -264,7 +268,6 @@ def run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep,
     except Exception as e:  # noqa: BLE001 - e.g. out of memory for the max_len cache
         report.skip("e2e", f"{plan.model} static mixed",
                     f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    return {"slots": slots, "max_len": mixed_len}
 
 
 def _static_impl(cfg, params, prompt: list[int], notes: list[str]) -> str:
@@ -368,11 +371,14 @@ def run(report: Report, smoke: bool) -> None:
                          ["model", "engine", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
                           "ITL p50 ms", "ITL p99 ms"])
     for plan in plans:
+        if report.out_of_time("e2e", plan.model):
+            continue
         try:
             run_model(report, plan, sweep, mixed, sweep.notes)
         except Exception as e:  # noqa: BLE001 - one model failing must not lose the other
             report.skip("e2e", plan.model, f"failed: {type(e).__name__}: "
                         f"{str(e).splitlines()[0][:300]}")
+        report.write()  # keep what this model measured if the run is cut short
     _headlines(report, sweep, mixed, plans)
     for plan in plans:
         series = {}

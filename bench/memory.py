@@ -212,6 +212,6 @@ def _own_trace(smoke: bool) -> dict:
                                for r in reqs], on_step=lambda e: stats.append(kv_sample(e)))
     finally:
         e2e.close_engine(engine)
-    return {"model": plan.model, "config": model.config, "samples": stats,
-            "slots": max(plan.static_batches),
-            "max_len": e2e.round_up(plan.max_prompt + plan.max_output, 128)}
+    slots, max_len = e2e.static_mixed_shape(plan)
+    return {"model": plan.model, "config": model.config, "samples": stats, "slots": slots,
+            "max_len": max_len}
