@@ -3,8 +3,8 @@
 Every slot owns a preallocated [max_len, Hkv, D] K and V cache per layer ([slots, max_len, Hkv,
 D] arrays, donated through each step); attention is jax.nn.dot_product_attention (cuDNN on
 GPU, XLA elsewhere) over the whole max_len cache with a length mask; prefill (one request,
-prompt padded to a bucket: 16, 64, 256, ... or max_len) and decode (all slots) are jitted. Same params pytree
-and the same math as jvt.models.llama; greedy sampling only. Continuous batching: an arriving
+prompt padded to a bucket: 64, 256, 1024, ... or max_len) and decode (all slots) are jitted.
+Same params pytree and the same math as jvt.models.llama; greedy sampling only. Continuous batching: an arriving
 request is prefilled into a free slot between decode steps, as JetStream inserts prefills.
 """
 
@@ -111,8 +111,8 @@ class StaticEngine:
 
     def __init__(self, config: ModelConfig, params, *, slots: int, max_len: int,
                  impl: str | None = None):
-        if slots < 1 or max_len < 16:
-            raise ValueError(f"need slots >= 1 and max_len >= 16, got {slots}, {max_len}")
+        if slots < 1 or max_len < 64:
+            raise ValueError(f"need slots >= 1 and max_len >= 64, got {slots}, {max_len}")
         self.config, self.params, self.slots, self.max_len = config, params, slots, max_len
         self.impl = impl or default_impl()
         shape = (slots, max_len, config.num_kv_heads, config.head_dim)
@@ -127,7 +127,7 @@ class StaticEngine:
     def bucket(self, n: int) -> int:
         if not 1 <= n <= self.max_len:
             raise ValueError(f"prompt of {n} tokens does not fit max_len={self.max_len}")
-        return min(self.max_len, max(16, 1 << 2 * ((n - 1).bit_length() + 1 >> 1)))
+        return min(self.max_len, max(64, 1 << 2 * ((n - 1).bit_length() + 1 >> 1)))
 
     def prefill(self, slot: int, prompt: list[int]) -> jax.Array:
         """Fill `slot` with the prompt; returns logits [bucket, V] (row len-1 is the next)."""
