@@ -190,6 +190,11 @@ def run(report, smoke: bool) -> None:
         if n <= max_len:
             cap.add(n, *[max_concurrent(s, n, budget, shape, max_len=max_len)
                          for s in SCHEMES if s != "live"])
+    n = min(512, max_len)
+    fits = {s: max_concurrent(s, n, budget, shape, max_len=max_len) for s in SCHEMES}
+    for peer in ("per_layer", "static"):
+        report.headline_row("memory", f"sequences of {n} tokens in {budget / (1 << 30):g} GiB",
+                            fits["jvt"], peer, fits[peer], higher_is_better=True)
 
 
 def _mean(xs) -> float:
