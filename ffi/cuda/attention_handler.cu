@@ -1,16 +1,19 @@
 // The CUDA handler of jvt_attention: host work (validation, apply_pending, scratch, the
-// number of KV splits) from static shapes only, then four launches on XLA's stream:
-// check_sequences -> append_kv -> split_kv_attention -> merge_splits (when split).
+// number of KV splits) from static shapes only, then launches on XLA's stream:
+// check_sequences -> append_kv -> split_kv_attention -> merge_splits (when split)
+// -> plan_prefill_tiles -> prefill_attention (when a sequence may have >= 32 new rows).
 // Host code never reads a device buffer; every per-row decision is made on the device.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
+#include <climits>
 #include <cstdint>
 #include <string>
 
 #include "attention.h"
 #include "cuda/append_kv.cuh"
+#include "cuda/prefill_attention.cuh"
 #include "cuda/split_kv_attention.cuh"
 
 namespace jvt {
@@ -78,22 +81,28 @@ ffi::Error run_attention(const AttnParams& p, ffi::ScratchAllocator& scratch,
   SplitKV sk{};
   sk.head_blocks = (group + HB - 1) / HB;
   sk.num_splits = choose_splits(p.num_rows * p.kv_heads * sk.head_blocks, resident);
+  // The tensor-core kernel can only have work when some sequence may be long enough.
+  const bool prefill = p.num_seqs > 0 && p.num_rows >= cuda::kPrefillMinRows;
+  sk.prefill_min_rows = prefill ? cuda::kPrefillMinRows : INT32_MAX;
 
-  // One scratch block: seq_ok [S] int32, then (when split) partial_o and partial_lse.
-  const int64_t seq_ok_bytes = (std::max<int64_t>(p.num_seqs, 1) * 4 + 255) / 256 * 256;
+  // One scratch block: seq_ok [S] and tile_start [S+1] int32, then (when split) partial_o
+  // and partial_lse.
+  const int64_t table_bytes = ((p.num_seqs + 1) * 4 + 255) / 256 * 256;
   const int64_t plane = p.num_rows * p.q_heads;
   const int64_t partial_bytes =
       sk.num_splits > 1 ? sk.num_splits * plane * (D + 1) * int64_t{sizeof(float)} : 0;
+  const int64_t total_bytes = 2 * table_bytes + partial_bytes;
   // 16: the largest alignment XLA's FFI allocator accepts.
-  std::optional<void*> block = scratch.Allocate(seq_ok_bytes + partial_bytes, 16);
+  std::optional<void*> block = scratch.Allocate(total_bytes, 16);
   if (!block.has_value()) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                      "jvt_attention: no scratch memory for " +
-                          std::to_string(seq_ok_bytes + partial_bytes) + " bytes");
+                      "jvt_attention: no scratch memory for " + std::to_string(total_bytes) +
+                          " bytes");
   }
   auto* seq_ok = static_cast<int32_t*>(*block);
+  auto* tile_start = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(*block) + table_bytes);
   if (sk.num_splits > 1) {
-    sk.partial_o = reinterpret_cast<float*>(static_cast<uint8_t*>(*block) + seq_ok_bytes);
+    sk.partial_o = reinterpret_cast<float*>(static_cast<uint8_t*>(*block) + 2 * table_bytes);
     sk.partial_lse = sk.partial_o + sk.num_splits * plane * D;
   }
 
@@ -116,9 +125,18 @@ ffi::Error run_attention(const AttnParams& p, ffi::ScratchAllocator& scratch,
   if (sk.num_splits > 1) {
     const dim3 merge_grid(static_cast<unsigned>(p.num_rows), static_cast<unsigned>(p.q_heads));
     cuda::merge_splits_kernel<T><<<merge_grid, D, 0, stream>>>(p, sk);
-    return launch_error("merge_splits");
+    if (ffi::Error err = launch_error("merge_splits"); err.failure()) return err;
   }
-  return ffi::Error::Success();
+  if (!prefill) return ffi::Error::Success();
+  cuda::plan_prefill_tiles_kernel<<<1, 32, 0, stream>>>(p, seq_ok, tile_start);
+  if (ffi::Error err = launch_error("plan_prefill_tiles"); err.failure()) return err;
+  // At most ceil(n / 64) <= n / 64 + 1 tiles per long sequence; CTAs past the planned
+  // tiles exit at once.
+  const int64_t max_tiles = (p.num_rows + cuda::kTileRows - 1) / cuda::kTileRows +
+                            std::min<int64_t>(p.num_seqs, p.num_rows / cuda::kPrefillMinRows);
+  const dim3 prefill_grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(p.q_heads));
+  cuda::prefill_attention_kernel<T, D><<<prefill_grid, 128, 0, stream>>>(p, seq_ok, tile_start);
+  return launch_error("prefill_attention");
 }
 
 // The one place where runtime switches (dtype, head_dim, heads per CTA) become template

@@ -19,6 +19,7 @@ constexpr int32_t kRowSkipped = -1;  // RowTarget::slot of padding rows and reje
 struct RowTarget {
   int32_t slot;  // slot to read and write, or kRowSkipped (write nothing, output zero)
   int32_t pos;   // position of the row in its slot; its keys are positions [0, pos]
+  int32_t rows;  // new rows of the row's sequence in this step
 };
 
 // 0 when sequence i may be read and written, -1 when it has no rows, else an AttnError.
@@ -52,15 +53,16 @@ __global__ void check_sequences_kernel(AttnParams p, int32_t* seq_ok) {
 // rows outside its range (padding, or malformed metadata) and rejected sequences are skipped.
 __device__ __forceinline__ RowTarget locate_row(const AttnParams& p, const int32_t* seq_ok,
                                                 int64_t row) {
-  if (p.num_seqs == 0) return {kRowSkipped, 0};
+  if (p.num_seqs == 0) return {kRowSkipped, 0, 0};
   int64_t lo = 0, hi = p.num_seqs;
   while (hi - lo > 1) {
     const int64_t mid = (lo + hi) / 2;
     if (p.seq_start[mid] <= row) lo = mid; else hi = mid;
   }
   const int64_t start = p.seq_start[lo], end = p.seq_start[lo + 1];
-  if (row < start || row >= end || seq_ok[lo] == kRowSkipped) return {kRowSkipped, 0};
-  return {seq_ok[lo], static_cast<int32_t>(p.seq_len[lo] - (end - start) + (row - start))};
+  if (row < start || row >= end || seq_ok[lo] == kRowSkipped) return {kRowSkipped, 0, 0};
+  return {seq_ok[lo], static_cast<int32_t>(p.seq_len[lo] - (end - start) + (row - start)),
+          static_cast<int32_t>(end - start)};
 }
 
 }  // namespace jvt::cuda

@@ -25,6 +25,7 @@ struct SplitKV {
   int32_t head_blocks;  // CTAs per kv head: ceil(group / HB)
   float* partial_o;     // [num_splits, T, Hq, D] normalised output of each split (scratch)
   float* partial_lse;   // [num_splits, T, Hq] log2-sum-exp2 of each split; -inf when empty
+  int32_t prefill_min_rows;  // rows of sequences this long are left to prefill_attention
 };
 
 template <int D, int HB>
@@ -36,12 +37,6 @@ struct SplitKVConfig {
   static constexpr int kTile = kGroups * kUnroll;        // keys per CTA iteration
   static_assert(D % kVec == 0 && kThreads % kLanes == 0 && kLanes <= 32);
 };
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 __device__ __forceinline__ uint4 load_nc(const uint8_t* ptr) {
   return __ldg(reinterpret_cast<const uint4*>(ptr));
@@ -62,14 +57,17 @@ split_kv_attention_kernel(AttnParams p, SplitKV sk, const int32_t* seq_ok) {
   const int tgroup = threadIdx.x / C::kLanes;
 
   const RowTarget target = locate_row(p, seq_ok, row);
-  const int len = target.slot == kRowSkipped ? 0 : target.pos + 1;
+  // Rows of long sequences are computed by prefill_attention_kernel, launched after this one
+  // (and after the merge): here they only get the empty-split treatment.
+  const bool skip = target.slot == kRowSkipped || target.rows >= sk.prefill_min_rows;
+  const int len = skip ? 0 : target.pos + 1;
   const int per_split =
       (len + sk.num_splits * C::kTile - 1) / (sk.num_splits * C::kTile) * C::kTile;
   const int kv_begin = split * per_split;
   const int kv_end = min(len, kv_begin + per_split);
   const int64_t plane = p.num_rows * p.q_heads;  // (row, head) entries per split
 
-  if (kv_begin >= kv_end) {  // padding, a rejected sequence, or a split past the row's keys
+  if (kv_begin >= kv_end) {  // padding, rejected, prefill rows, or a split past the keys
     if (sk.num_splits == 1) {
       T* out = static_cast<T*>(p.out) + (row * p.q_heads + q_head0) * D;
       for (int i = threadIdx.x; i < heads * D; i += C::kThreads) out[i] = from_float<T>(0.f);

@@ -1,4 +1,4 @@
-// 16-byte vectors of 8 half-precision elements (f16 or bf16) <-> 8 floats.
+// 16-byte vectors of 8 half-precision elements (f16 or bf16) <-> 8 floats, and exp2.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -35,6 +35,13 @@ __device__ __forceinline__ T from_float(float x) {
   } else {
     return __float2bfloat16_rn(x);
   }
+}
+
+// exp2 on the SFU; exp2(-inf) = 0, which the online softmax relies on.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 }  // namespace jvt::cuda
