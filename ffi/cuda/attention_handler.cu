@@ -6,8 +6,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cmath>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -69,7 +69,7 @@ int choose_splits(int64_t ctas, int64_t resident) {
   return 1;
 }
 
-// Scratch, splits and the four launches for one (dtype, head_dim, heads per CTA).
+// Scratch, splits and the launches for one (dtype, head_dim, heads per CTA).
 template <typename T, int D, int HB>
 ffi::Error run_attention(const AttnParams& p, ffi::ScratchAllocator& scratch,
                          cudaStream_t stream) {
