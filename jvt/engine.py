@@ -30,8 +30,11 @@ Prompt = str | list[int]
 _GRANULARITY = 2 << 20  # physical allocation granularity the default budget is rounded to
 
 
-class _Request:
-    """Engine-side bookkeeping of one request: its sequence plus output text and metrics."""
+class Request:
+    """A queued or running request (``Engine.add_request``): poll ``finished``, then ``output()``.
+
+    Engine-side bookkeeping: the scheduler's Sequence plus output text, logprobs and metrics.
+    """
 
     def __init__(self, seq: Sequence, prompt: str | None, metrics: RequestMetrics):
         self.seq = seq
@@ -42,6 +45,10 @@ class _Request:
         self.streamed_text = 0  # characters of text already given to a stream
         self.streamed_tokens = 0
         self.stream_done = False  # the final delta was given
+
+    @property
+    def request_id(self) -> str:
+        return self.seq.request_id
 
     @property
     def finished(self) -> bool:
@@ -79,6 +86,9 @@ class Engine:
             raise ValueError(f"model must be a preset name, a checkpoint directory or a "
                              f"jvt.models.Model, got {type(model).__name__}")
         mc = self.model.config
+        if cfg.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({mc.max_position_embeddings})")
         self.tokenizer = self.model.tokenizer
         token_bytes = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * \
             np.dtype(mc.jnp_dtype).itemsize
@@ -95,7 +105,7 @@ class Engine:
         self.runner = Runner(self.model.params, mc, self.store, token_buckets=cfg.token_buckets,
                              seq_buckets=cfg.seq_buckets, device=self.device)
         self.runner.warmup()
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._step_id = -1
         self._inflight = None  # (step id, plan, device results) of the step not yet read back
@@ -118,15 +128,15 @@ class Engine:
                              f"of those; got {type(prompts).__name__}")
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
-        if len(sampling_params) != len(prompts):
-            raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} "
-                             "prompts (give one, or one per prompt)")
+        if not isinstance(sampling_params, list) or len(sampling_params) != len(prompts):
+            raise ValueError(f"sampling_params must be one SamplingParams or a list of one per "
+                             f"prompt ({len(prompts)}), got {sampling_params!r}")
         checked = [self._check(p, sp, f"prompts[{i}]")
                    for i, (p, sp) in enumerate(zip(prompts, sampling_params))]
         reqs = [self._add(ids, text, sp) for ids, text, sp in checked]
         return [r.output() for r in self._run(reqs, use_tqdm)]
 
-    def _run(self, reqs: list[_Request], use_tqdm: bool = False) -> list[_Request]:
+    def _run(self, reqs: list[Request], use_tqdm: bool = False) -> list[Request]:
         """Step until every request in ``reqs`` is finished, then forget them."""
         try:
             with tqdm(total=len(reqs), disable=not use_tqdm, desc="generate") as bar:
@@ -174,6 +184,20 @@ class Engine:
             self._requests.pop(req.seq.request_id, None)
             self._flush()
 
+    def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None
+                    ) -> Request:
+        """Queue one request without blocking and return its handle.
+
+        Nothing runs until ``step()`` is called (``generate`` and ``stream`` step too, and
+        advance every queued request). ValueError for a bad prompt or params, as generate().
+        """
+        ids, text, sp = self._check(prompt, sampling_params or SamplingParams(), "prompt")
+        return self._add(ids, text, sp)
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is queued or running (or a step is still being read back)."""
+        return self.scheduler.has_work() or self._inflight is not None
+
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None
              ) -> RequestOutput:
         """One assistant reply to ``messages`` (dicts with 'role' and 'content')."""
@@ -192,6 +216,7 @@ class Engine:
         self.scheduler.finish(req.seq, "abort")
         req.text = self._decode(req)
         req.metrics.finished_time = time.perf_counter()
+        del self._requests[request_id]
         return True
 
     def stats(self) -> dict:
@@ -274,8 +299,9 @@ class Engine:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 req.metrics.finished_time = now
+                del self._requests[seq.request_id]  # the caller holds the Request
 
-    def _finish_reason(self, req: _Request, token: int) -> str | None:
+    def _finish_reason(self, req: Request, token: int) -> str | None:
         seq, params = req.seq, req.seq.params
         before = len(req.text)
         req.text = self._decode(req)
@@ -292,10 +318,10 @@ class Engine:
             return "length"
         return None
 
-    def _decode(self, req: _Request) -> str:
+    def _decode(self, req: Request) -> str:
         return self.tokenizer.decode(req.seq.tokens[req.seq.num_prompt:])
 
-    def _delta(self, req: _Request) -> StreamDelta | None:
+    def _delta(self, req: Request) -> StreamDelta | None:
         """What ``req`` produced since its last delta; None when nothing new yet or done."""
         if req.stream_done:
             return None
@@ -350,12 +376,12 @@ class Engine:
         return ids, text, params
 
     def _add(self, ids: list[int], text: str | None, params: SamplingParams,
-             owner: object | None = None) -> _Request:
+             owner: object | None = None) -> Request:
         number = next(self._ids)
         seed = params.seed if params.seed is not None else \
             (self.config.seed * 1_000_003 + number) % 2**32
         seq = Sequence(str(number), ids, params, seed, owner)
-        req = _Request(seq, text, RequestMetrics(time.perf_counter(), prompt_tokens=len(ids)))
+        req = Request(seq, text, RequestMetrics(time.perf_counter(), prompt_tokens=len(ids)))
         self._requests[seq.request_id] = req
         self.scheduler.add(seq)
         return req

@@ -64,7 +64,10 @@ def test_greedy_matches_transformers_generate(tmp_path):
 
     hf = build_hf_model("llama3", seed=1)
     save_hf_model(hf, tmp_path)
-    e = jvt.Engine(str(tmp_path), max_num_seqs=4, max_model_len=128, max_num_batched_tokens=32,
+    # No params cache: its key (config, file sizes, mtimes) could match another test's
+    # checkpoint of the same shapes written in the same clock tick.
+    loaded = models.load(str(tmp_path), use_cache=False)
+    e = jvt.Engine(loaded, max_num_seqs=4, max_model_len=128, max_num_batched_tokens=32,
                    token_buckets=(8, 32), seq_buckets=(4,), prefill_chunk=13)
     prompts = [[256] + p for p in _prompts(5, seed=0, hi=40)] + [[256]]
     outs = e.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20), use_tqdm=False)
@@ -299,3 +302,14 @@ def test_chat_example_runs_with_piped_stdin():
     assert run.returncode == 0, run.stderr
     assert "random weights" in run.stdout
     assert run.stdout.count("you> ") == 2 and run.stdout.count("ttft") == 2
+
+
+def test_add_request_and_step(engine, reference):
+    prompts = _prompts(3, seed=12, hi=80)
+    handles = [engine.add_request(p, GREEDY) for p in prompts]
+    assert not any(h.finished for h in handles)
+    while engine.has_unfinished():
+        engine.step()
+    for p, h in zip(prompts, handles):
+        assert h.finished and h.output().token_ids == reference(p).token_ids
+    assert not engine.abort(handles[0].request_id)  # already finished
