@@ -155,7 +155,8 @@ class Scheduler:
         slot, seq.slot = seq.slot, None
         keep = seq.owner is not None or self.enable_prefix_sharing
         if keep and reason != "abort" and seq.kv_valid > 0:
-            self.index.truncate(slot, seq.kv_valid)
+            if self.enable_prefix_sharing:  # including chunks its last steps computed
+                self.index.register(slot, seq.tokens, seq.kv_valid)
             self.retained[slot] = Retained(seq.tokens[:seq.kv_valid], seq.owner)
         else:
             self._release(slot)
