@@ -313,3 +313,35 @@ def test_add_request_and_step(engine, reference):
     for p, h in zip(prompts, handles):
         assert h.finished and h.output().token_ids == reference(p).token_ids
     assert not engine.abort(handles[0].request_id)  # already finished
+
+
+def test_random_workload_with_sessions_sharing_and_aborts_leaks_nothing(model):
+    e = jvt.Engine(model, **{**ENGINE, "max_num_seqs": 4, "seq_buckets": (4,)},
+                   kv_budget_bytes=7 * (2 << 20))
+    rng = random.Random(13)
+    common = _prompts(1, seed=13, lo=70, hi=70)[0]
+    sessions = [e.session() for _ in range(2)]
+    handles = []
+    for i in range(30):
+        prefix = common if rng.random() < 0.5 else []
+        params = SamplingParams(temperature=rng.choice([0.0, 1.0]), max_tokens=rng.randint(1, 40),
+                                stop=["ab"] if rng.random() < 0.2 else ())
+        handles.append(e.add_request(_prompts(1, seed=100 + i, hi=120, prefix=prefix)[0], params))
+        for _ in range(rng.randint(0, 4)):
+            e.step()
+        if rng.random() < 0.2:
+            e.abort(rng.choice(handles).request_id)
+        if i % 10 == 0:
+            sessions[i % 2].send(f"turn {i}", SamplingParams(max_tokens=8))
+    while e.has_unfinished():
+        e.step()
+    assert all(h.finished for h in handles)
+    assert any(h.output().finish_reason == "abort" for h in handles)
+    assert e.stats()["preemptions"] > 0  # the workload did exercise memory pressure
+    assert sum(h.output().metrics.prefix_tokens_reused for h in handles) > 0
+    for s in sessions:
+        s.close()
+    e.free_cache()
+    kv = e.store.stats()
+    assert kv.chunks_in_use == 0 and kv.mapped_bytes == 0
+    assert e.stats()["slots_free"] == 4
