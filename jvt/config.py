@@ -79,8 +79,8 @@ class EngineConfig:
 
     @property
     def step_shapes(self) -> list[tuple[int, int]]:
-        """Every (T, S) bucket pair the runner compiles (a step has at least one token per
-        sequence, so S <= T)."""
+        """Every (T, S) bucket pair the runner compiles, each in a greedy-only and a sampling
+        variant (a step has at least one token per sequence, so S <= T)."""
         return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
 
 

@@ -1,8 +1,8 @@
 """Runner: turns a StepPlan into bucket-shaped device arrays and runs the compiled step.
 
-Every (T, S) bucket pair is compiled ahead of time by ``warmup()``; a step pads its plan to the
-smallest pair that holds it, so sequences growing never recompile anything (the KV cache lives
-outside XLA). The step keeps the last sampled token of every slot on the device
+Every (T, S) bucket pair is compiled ahead of time by ``warmup()``, twice: with and without
+the sort that top-k/top-p sampling needs. A step pads its plan to the smallest pair that holds
+it, so sequences growing never recompile anything (the KV cache lives outside XLA). The step keeps the last sampled token of every slot on the device
 (``last_tokens`` [slots]); a decode row of step N takes its input from there, so step N can be
 enqueued before the host has read step N-1's tokens (one-step lag).
 """
@@ -60,7 +60,7 @@ def _from_wire(ints: jax.Array, floats: jax.Array, t: int, s: int) -> StepInputs
     return StepInputs(tokens, prev_slot, meta, keep.astype(bool), sampling)
 
 
-def _step(params, last_tokens, ints, floats, *, t, s, config, store_id):
+def _step(params, last_tokens, ints, floats, *, t, s, greedy_only, config, store_id):
     """One engine step: returns the new last_tokens and [S, 2 + 2K] float32 results (token id
     and top ids bit-cast), read back in one transfer."""
     inputs = _from_wire(ints, floats, t, s)
@@ -69,7 +69,7 @@ def _step(params, last_tokens, ints, floats, *, t, s, config, store_id):
     hidden = llama.forward(params, tokens, inputs.meta, config=config, store_id=store_id)
     last_rows = jnp.maximum(inputs.meta.seq_start[1:] - 1, 0)  # [S] each entry's last row
     logits = llama.logits(params, hidden[last_rows], config=config)
-    r = sample(logits, inputs.sampling)
+    r = sample(logits, inputs.sampling, greedy_only=greedy_only)
     slots = last_tokens.shape[0]
     target = jnp.where(inputs.keep, inputs.meta.seq_slot, slots)  # out of range: dropped
     last_tokens = last_tokens.at[target].set(r.tokens, mode="drop")
@@ -95,26 +95,28 @@ class Runner:
         self.seq_buckets = tuple(seq_buckets)
         self.params = jax.device_put(params, device)
         self.last_tokens = jax.device_put(np.zeros(store.slots, np.int32), device)
-        self.compiled: dict[tuple[int, int], object] = {}
+        self.compiled: dict[tuple[int, int, bool], object] = {}  # (T, S, greedy_only)
         self.num_compiles = 0
 
     def shapes(self) -> list[tuple[int, int]]:
         return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
 
     def warmup(self) -> None:
-        """Compile every (T, S) bucket pair now, so that no step ever compiles."""
+        """Compile every (T, S) bucket pair, greedy-only and sampling, so no step compiles."""
         for shape in self.shapes():
-            self._compile(*shape)
+            for greedy_only in (True, False):
+                self._compile(*shape, greedy_only)
 
-    def _compile(self, t: int, s: int):
-        if (t, s) not in self.compiled:
-            step = jax.jit(functools.partial(_step, t=t, s=s, config=self.config,
-                                             store_id=self.store.store_id), donate_argnums=1)
+    def _compile(self, t: int, s: int, greedy_only: bool):
+        key = (t, s, greedy_only)
+        if key not in self.compiled:
+            step = jax.jit(functools.partial(_step, t=t, s=s, greedy_only=greedy_only,
+                                             config=self.config, store_id=self.store.store_id),
+                           donate_argnums=1)
             ints, floats = _to_wire(_pack(None, t, s))
-            self.compiled[(t, s)] = step.lower(self.params, self.last_tokens, ints,
-                                               floats).compile()
+            self.compiled[key] = step.lower(self.params, self.last_tokens, ints, floats).compile()
             self.num_compiles += 1
-        return self.compiled[(t, s)]
+        return self.compiled[key]
 
     def bucket(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
         """The smallest compiled (T, S) holding a step of that many tokens and sequences."""
@@ -129,8 +131,10 @@ class Runner:
     def launch(self, plan: StepPlan) -> jax.Array:
         """Enqueue the step of ``plan``; returns its device results without waiting."""
         t, s = self.bucket(plan.num_tokens, len(plan.entries))
+        greedy_only = all(e.seq.params.temperature == 0 for e in plan.entries)
         ints, floats = jax.device_put(_to_wire(_pack(plan, t, s)), self.device)
-        self.last_tokens, out = self._compile(t, s)(self.params, self.last_tokens, ints, floats)
+        step = self._compile(t, s, greedy_only)
+        self.last_tokens, out = step(self.params, self.last_tokens, ints, floats)
         return out
 
     @staticmethod

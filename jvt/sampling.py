@@ -71,18 +71,18 @@ def _sample_row(logits, temperature, top_k, top_p, min_p, seed, counter):
     return ids[jax.random.categorical(key, masked)]
 
 
-def sample(logits: jax.Array, p: SamplingArrays) -> SampleResult:
-    """Pick one token per row of ``logits`` [S, V] (float32) under ``p``."""
-    logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def sample(logits: jax.Array, p: SamplingArrays, *, greedy_only: bool = False) -> SampleResult:
+    """Pick one token per row of ``logits`` [S, V] (float32) under ``p``.
 
-    def sampled():
+    greedy_only (static) skips the sort behind top-k/top-p when the caller knows no row samples;
+    a static switch rather than lax.cond, whose predicate XLA:GPU reads back on the host.
+    """
+    logits = logits.astype(jnp.float32)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not greedy_only:
         rows = jax.vmap(_sample_row)(logits, p.temperature, p.top_k, p.top_p, p.min_p,
                                      p.seed, p.counter).astype(jnp.int32)
-        return jnp.where(p.temperature == 0, greedy, rows)
-
-    # The sort behind top-k/top-p only runs when some row samples.
-    tokens = jax.lax.cond(jnp.all(p.temperature == 0), lambda: greedy, sampled)
+        tokens = jnp.where(p.temperature == 0, tokens, rows)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
