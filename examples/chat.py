@@ -18,6 +18,7 @@ import sys
 import time
 
 import jvt
+import jvt.models
 from jvt.session import Session
 
 
@@ -26,16 +27,21 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="preset name or checkpoint directory")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default=None,
+                    help="bfloat16, float16 or float32 (default: the model's; bfloat16 on CUDA)")
     ap.add_argument("--system", default=None, help="system message")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-p", type=float, default=0.95)
     args = ap.parse_args()
 
-    if args.model in ("tiny", "llama-3.2-1b", "llama-3-8b"):
+    if args.model in jvt.models.PRESETS:
         print(f"[{args.model} preset: random weights, so the replies are gibberish]")
+    dtype = args.dtype or (None if args.device == "cpu" else "bfloat16")
+    model = jvt.models.load(args.model, dtype=dtype)
     # A few step shapes keep start-up (their compilation) short.
-    engine = jvt.Engine(args.model, device=args.device, max_num_seqs=4, max_model_len=4096,
+    engine = jvt.Engine(model, device=args.device, max_num_seqs=4,
+                        max_model_len=min(4096, model.config.max_position_embeddings),
                         max_num_batched_tokens=256, token_buckets=(16, 64, 256),
                         seq_buckets=(1, 4))
     params = jvt.SamplingParams(temperature=args.temperature, top_p=args.top_p,

@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     for sp in (gen, chat):
         sp.add_argument("--model", default="tiny", help="preset name or checkpoint directory")
         sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-        sp.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
+        sp.add_argument("--dtype", default=None,
+                        help="bfloat16, float16 or float32 (default: the model's; bf16 on CUDA)")
         sp.add_argument("--max-model-len", type=int, default=2048)
         sp.add_argument("--max-tokens", type=int, default=64)
         sp.add_argument("--temperature", type=float, default=0.8)
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         params = jvt.SamplingParams(temperature=args.temperature, top_p=args.top_p,
                                     top_k=args.top_k, max_tokens=args.max_tokens,
                                     seed=args.seed)
-        engine = jvt.Engine(args.model, device=args.device, dtype=args.dtype,
+        dtype = args.dtype or (None if args.device == "cpu" else "bfloat16")
+        engine = jvt.Engine(args.model, device=args.device, dtype=dtype,
                             max_model_len=args.max_model_len, max_num_seqs=8,
                             max_num_batched_tokens=256, token_buckets=(16, 64, 256),
                             seq_buckets=(1, 8))

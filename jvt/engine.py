@@ -86,6 +86,9 @@ class Engine:
             raise ValueError(f"model must be a preset name, a checkpoint directory or a "
                              f"jvt.models.Model, got {type(model).__name__}")
         mc = self.model.config
+        if cfg.device != "cpu" and mc.dtype == "float32":
+            raise ValueError("the CUDA attention kernels support bfloat16 and float16, and this "
+                             "model is float32: pass dtype='bfloat16' (or load it so)")
         if cfg.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({mc.max_position_embeddings})")

@@ -9,7 +9,7 @@ recomputed (or shares a prefix) transparently.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from jvt.types import RequestOutput, SamplingParams, StreamDelta
 
@@ -59,7 +59,7 @@ class Session:
         """Release the session's retained KV slot."""
         self.engine.scheduler.forget(self)
 
-    def __enter__(self) -> Session:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
