@@ -249,9 +249,10 @@ class Engine:
         }
 
     def close(self) -> None:
-        """Finish in-flight work and free the KV store."""
-        while self._inflight is not None:
-            self.step()
+        """Abort unfinished requests, wait for the device, and free the KV store."""
+        for request_id in list(self._requests):
+            self.abort(request_id)
+        self._flush()
         self.store.close()
 
     # -- the loop ------------------------------------------------------------------------
