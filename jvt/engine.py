@@ -169,10 +169,14 @@ class Engine:
                *, _owner: object | None = None) -> Iterator[StreamDelta]:
         """Generate for one prompt, yielding text and token deltas as they are read back.
 
+        The prompt is validated now (ValueError); the request is queued when iteration starts.
         Closing the iterator early aborts the request.
         """
-        ids, text, sp = self._check(prompt, sampling_params or SamplingParams(), "prompt")
-        req = self._add(ids, text, sp, owner=_owner)
+        checked = self._check(prompt, sampling_params or SamplingParams(), "prompt")
+        return self._stream(checked, _owner)
+
+    def _stream(self, checked, owner) -> Iterator[StreamDelta]:
+        req = self._add(*checked, owner=owner)
         try:
             while True:
                 delta = self._delta(req)

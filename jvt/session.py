@@ -45,6 +45,9 @@ class Session:
                ) -> Iterator[StreamDelta]:
         """Like send(), yielding deltas; the reply is appended when the stream ends."""
         deltas = self.engine.stream(self._prompt(text), sampling_params, _owner=self)
+        return self._record_stream(text, deltas)
+
+    def _record_stream(self, text: str, deltas: Iterator[StreamDelta]) -> Iterator[StreamDelta]:
         reply = []
         for delta in deltas:
             reply.append(delta.text)

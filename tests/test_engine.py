@@ -256,6 +256,10 @@ def test_bad_input_is_rejected_and_others_unaffected(engine, reference):
         engine.generate(["a", "b"], [GREEDY], use_tqdm=False)
     with pytest.raises(ValueError, match="top_p"):
         engine.generate("a", SamplingParams(top_p=0.0), use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        engine.stream("")  # validated at the call, not at the first next()
+    with pytest.raises(ValueError, match="message"):
+        engine.session().stream("")
     rest = list(it)
     tokens = first.token_ids + [t for d in rest for t in d.token_ids]
     assert tokens == reference(prompt).token_ids
