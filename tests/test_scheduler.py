@@ -329,3 +329,22 @@ def test_thousand_random_requests_leak_nothing(seed):
     for owner in owners:
         sched.forget(owner)
     assert_no_leak(store, sched, 6)
+
+
+def test_prefix_index_longest_truncate_drop():
+    from jvt.prefix import PrefixIndex
+
+    index = PrefixIndex(tokens_per_chunk=4)
+    a = list(range(1, 14))  # 3 whole chunks + 1 token
+    index.register(0, a, 13)
+    index.register(1, a[:8] + [99] * 5, 13)
+    assert index.longest(a, 13) == (0, 12)
+    assert index.longest(a, 12) == (0, 12)
+    assert index.longest(a, 11) == (0, 8)  # only whole chunks within the limit
+    assert index.longest(a, 13, exclude=0) == (1, 8)
+    assert index.longest([7] + a[1:], 13) == (None, 0)
+    index.truncate(0, 9)  # slot 0 rewrites from position 9: chunk 2 is gone
+    assert index.longest(a, 13) == (0, 8)
+    index.drop(0)
+    index.drop(1)
+    assert index.longest(a, 13) == (None, 0) and len(index) == 0
