@@ -6,11 +6,13 @@ import dataclasses
 import re
 
 
-def _powers_of_two_up_to(lo: int, hi: int) -> tuple[int, ...]:
+def _geometric_up_to(lo: int, hi: int) -> tuple[int, ...]:
+    """lo, 4*lo, 16*lo, ... below hi, then hi: few shapes (each one is compiled twice at
+    start-up) for at most 4x padding."""
     sizes, n = [], lo
     while n < hi:
         sizes.append(n)
-        n *= 2
+        n *= 4
     return (*sizes, hi)
 
 
@@ -26,7 +28,8 @@ class EngineConfig:
     device: "cpu", "cuda" or "cuda:N". dtype: activation/KV dtype (None: the model's).
     prefill_chunk: most prompt tokens of one sequence per step (chunked prefill).
     token_buckets / seq_buckets: the compiled step shapes (T packed tokens, S sequences); None
-      derives powers of two ending at max_num_batched_tokens / max_num_seqs.
+      derives 16, 64, 256, ... up to max_num_batched_tokens and 4, 16, 64, ... up to
+      max_num_seqs.
     enable_prefix_sharing: map the KV chunks of a shared, chunk-aligned prompt prefix from a
       live or retained slot instead of recomputing them; finished requests keep their slot
       (retained, evicted LRU) so later requests can share from it.
@@ -71,8 +74,8 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                 f"({self.max_num_seqs}): a step must fit one decode token of every sequence")
-        tokens = self.token_buckets or _powers_of_two_up_to(16, self.max_num_batched_tokens)
-        seqs = self.seq_buckets or _powers_of_two_up_to(1, self.max_num_seqs)
+        tokens = self.token_buckets or _geometric_up_to(16, self.max_num_batched_tokens)
+        seqs = self.seq_buckets or _geometric_up_to(4, self.max_num_seqs)
         object.__setattr__(self, "token_buckets", _buckets("token_buckets", tokens,
                                                            self.max_num_batched_tokens))
         object.__setattr__(self, "seq_buckets", _buckets("seq_buckets", seqs, self.max_num_seqs))
