@@ -12,13 +12,6 @@
 
 namespace ffi = xla::ffi;
 
-// nanobind's NB_STATIC build appends -Os, which turns off the loop vectorisation the
-// attention loops rely on (measured 4-5x slower). NOMINSIZE in CMakeLists.txt would make this
-// unnecessary.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("O3")
-#endif
-
 namespace jvt {
 namespace {
 
