@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+
 from jvt.models.config import ModelConfig
 from jvt.models.loader import hf_config_dict
 

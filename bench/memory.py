@@ -202,9 +202,8 @@ def _mean(xs) -> float:
 
 
 def _own_trace(smoke: bool) -> dict:
-    from jvt.models import load
-
     from bench import e2e, workload
+    from jvt.models import load
 
     plan = e2e.SMOKE[0] if smoke else e2e.FULL[0]
     model = load(plan.model, dtype=plan.dtype)

@@ -39,9 +39,8 @@ SMOKE = Plan("tiny", 2, 8, 20.0, 40, 4, 512, None)
 
 
 def run(report: Report, smoke: bool) -> None:
-    from jvt.models import load
-
     from jvt import Engine, SamplingParams
+    from jvt.models import load
 
     plan = SMOKE if smoke else FULL
     model = load(plan.model)

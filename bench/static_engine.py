@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from jvt.models import llama
 from jvt.models.config import ModelConfig
 

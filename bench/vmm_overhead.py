@@ -29,9 +29,8 @@ MODES = ("ahead", "inline", "prefetch")
 
 
 def _setup(cfg, params, batch: int, start_len: int, max_tokens: int):
-    from jvt.models import llama
-
     from jvt.kv import KVStore
+    from jvt.models import llama
     from jvt.types import AttnMeta
 
     gpu = jax.default_backend() == "gpu"

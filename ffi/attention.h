@@ -71,13 +71,16 @@ inline bool ffi_dtype_to_jvt(xla::ffi::DataType t, DType* out) {
   }
 }
 
-// Host-side part shared by both handlers: find the store, check every buffer's shape and
-// dtype against it and the layer attribute, map pending extensions (apply_pending), fill
-// *params. Never reads device buffers. Returns an InvalidArgument error naming what was wrong.
+// Host-side part shared by both handlers: find the store, check that it lives where the
+// handler runs (device -1: the host handler; N >= 0: the CUDA handler on device N), check every
+// buffer's shape and dtype against it and the layer attribute, map pending extensions
+// (apply_pending), fill *params. Never reads device buffers. Returns an InvalidArgument error
+// naming what was wrong.
 inline xla::ffi::Error prepare_attention(
     xla::ffi::AnyBuffer q, xla::ffi::AnyBuffer k, xla::ffi::AnyBuffer v,
     xla::ffi::AnyBuffer seq_start, xla::ffi::AnyBuffer seq_slot, xla::ffi::AnyBuffer seq_len,
-    xla::ffi::AnyBuffer out, int32_t store_id, int32_t layer, float scale, AttnParams* params) {
+    xla::ffi::AnyBuffer out, int32_t store_id, int32_t layer, float scale, int32_t device,
+    AttnParams* params) {
   using xla::ffi::Error;
   auto fail = [](const std::string& what) {
     return Error::InvalidArgument("jvt_attention: " + what);
@@ -85,6 +88,12 @@ inline xla::ffi::Error prepare_attention(
   std::shared_ptr<KVStore> store = find_store(store_id);
   if (!store) return fail("unknown store_id " + std::to_string(store_id));
   const KVSpec& spec = store->spec();
+  if (spec.device != device) {
+    auto where = [](int32_t d) { return d < 0 ? std::string("cpu") : "cuda:" + std::to_string(d); };
+    return fail("store " + std::to_string(store_id) + " lives on " + where(spec.device) +
+                " but the op runs on " + where(device) +
+                " (create the KVStore on the device the jitted step runs on)");
+  }
   if (layer < 0 || layer >= spec.layers) {
     return fail("layer " + std::to_string(layer) + " outside [0, " +
                 std::to_string(spec.layers) + ")");

@@ -257,7 +257,7 @@ ffi::Error attention_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   }
   AttnParams p;
   ffi::Error err = prepare_attention(q, k, v, seq_start, seq_slot, seq_len, *out, store_id,
-                                     layer, scale, &p);
+                                     layer, scale, /*device=*/-1, &p);
   if (err.failure()) return err;
   std::memset(p.out, 0, out->size_bytes());
   const std::vector<Seq> seqs = valid_sequences(p);

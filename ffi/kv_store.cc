@@ -359,22 +359,29 @@ void KVStore::release(int32_t slot) {
   Impl& m = *impl_;
   m.check_slot("slot", slot);
   std::lock_guard<std::mutex> mm(m.map_mu);
+  bool queued;
+  {
+    std::lock_guard<std::mutex> lk(m.mu);
+    const Slot& s = m.slots[slot];
+    require(!s.draining, "release: slot " + std::to_string(slot) + " is already draining");
+    queued = s.queued;
+  }
+  // A step enqueued before the release may still run its handler (apply_pending) and read
+  // up to the reserved length: map the queued extension instead of dropping it.
+  if (queued) {
+    while (m.map_next()) {
+    }
+  }
   bool now;
   {
     std::lock_guard<std::mutex> lk(m.mu);
     Slot& s = m.slots[slot];
-    require(!s.draining, "release: slot " + std::to_string(slot) + " is already draining");
     if (s.chunks.empty()) {
       s = Slot{};
       return;
     }
     s.draining = true;
     s.tag = m.fence;
-    if (s.queued) {  // not in flight (we hold map_mu): drop the queued extension
-      m.queue.erase(std::find(m.queue.begin(), m.queue.end(), slot));
-      s.queued = false;
-      m.pending.store(static_cast<int64_t>(m.queue.size()), std::memory_order_release);
-    }
     now = s.tag <= m.retired;
   }
   // Every step enqueued so far has already retired: nothing on the device can touch the slot.

@@ -9,16 +9,34 @@ __version__ = "0.1.0"
 # Public names and the module that defines each; imported on first use so that
 # `import jvt` stays cheap and does not initialise JAX backends.
 _EXPORTS = {
-    "KVStore": "jvt.kv",
-    "KVCacheFull": "jvt.kv",
-    "AttnMeta": "jvt.types",
+    "Engine": "jvt.engine",
+    "EngineConfig": "jvt.config",
+    "Session": "jvt.session",
     "SamplingParams": "jvt.types",
     "RequestOutput": "jvt.types",
-    "Engine": "jvt.engine",
+    "RequestMetrics": "jvt.types",
+    "StreamDelta": "jvt.types",
+    "AttnMeta": "jvt.types",
+    "KVStore": "jvt.kv",
+    "KVCacheFull": "jvt.kv",
+    "KVCapacityError": "jvt.kv",
     "ops": "jvt.ops",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AttnMeta",
+    "Engine",
+    "EngineConfig",
+    "KVCacheFull",
+    "KVCapacityError",
+    "KVStore",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
+    "Session",
+    "StreamDelta",
+    "ops",
+]
 
 
 def __getattr__(name: str):

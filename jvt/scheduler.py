@@ -188,9 +188,6 @@ class Scheduler:
         self.draining = still
 
     def _release(self, slot: int) -> None:
-        # The store's release drops a still-queued extension of the slot, but a step already
-        # enqueued (not yet run) may need it: complete pending mappings first.
-        self.store.apply_pending()
         self.store.release(slot)
         self.index.drop(slot)
         self.shared_upto[slot] = 0

@@ -1,7 +1,7 @@
 """Orbax cache of converted params: a checkpoint converted once is restored, not re-converted.
 
-An entry lives at `<cache root>/<key>`; the key hashes the checkpoint files' names, sizes and
-modification times together with the ModelConfig (which includes the dtype) and the params
+An entry lives at `<cache root>/<key>`; the key hashes the checkpoint directory's real path and
+its files' names, sizes and modification times together with the ModelConfig (which includes the dtype) and the params
 layout version, so any change to the checkpoint or the conversion gives a new entry.
 The cache root is `cache_dir`, else $JVT_CACHE_DIR, else ~/.cache/jvt.
 """
@@ -34,13 +34,15 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> str:
 
 
 def cache_key(checkpoint_dir: str | os.PathLike, config: ModelConfig) -> str:
-    """Hash of (layout version, config, every weight/config file's name, size, mtime)."""
+    """Hash of (layout version, config, the directory's real path, every weight/config file's
+    name, size, mtime): two checkpoints with identical file stats never share an entry."""
     files = []
     for name in sorted(os.listdir(checkpoint_dir)):
         if name.endswith(_KEYED_SUFFIXES):
             st = os.stat(os.path.join(checkpoint_dir, name))
             files.append((name, st.st_size, st.st_mtime_ns))
-    blob = json.dumps([LAYOUT_VERSION, repr(dataclasses.asdict(config)), files])
+    blob = json.dumps([LAYOUT_VERSION, repr(dataclasses.asdict(config)),
+                       os.path.realpath(checkpoint_dir), files])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

@@ -1,10 +1,13 @@
 import os
+import tempfile
 
 import pytest
 
 # Tests run on the CPU unless a GPU test asks otherwise; several fake CPU devices for sharding.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+# Converted-params cache entries of test checkpoints stay out of the user's ~/.cache/jvt.
+os.environ.setdefault("JVT_CACHE_DIR", tempfile.mkdtemp(prefix="jvt-test-cache-"))
 
 
 def _gpu_available() -> bool:

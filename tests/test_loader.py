@@ -20,8 +20,16 @@ from hf_fixtures import FAMILIES, build_hf_model, save_hf_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jvt.models import (PRESETS, ByteTokenizer, HFTokenizer, ModelConfig, load, loader,
-                        preset_config, save_hf_checkpoint)
+from jvt.models import (
+    PRESETS,
+    ByteTokenizer,
+    HFTokenizer,
+    ModelConfig,
+    load,
+    loader,
+    preset_config,
+    save_hf_checkpoint,
+)
 from jvt.models.llama import param_shapes
 
 SMALL = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -195,7 +203,15 @@ def test_cache_key_follows_the_checkpoint_files(hf_dirs, tmp_path):
     weights = copy / "model.safetensors"
     stat = os.stat(weights)
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    assert loader.cache.cache_key(copy, config) != key
+    changed = loader.cache.cache_key(copy, config)
+    assert changed != key
+    # A second copy with the very same file stats is another checkpoint: another entry.
+    twin = tmp_path / "twin"
+    shutil.copytree(copy, twin)
+    for name in os.listdir(copy):
+        st = os.stat(copy / name)
+        os.utime(twin / name, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert loader.cache.cache_key(twin, config) != changed
 
 
 def test_corrupt_cache_entry_is_rebuilt(hf_dirs, tmp_path):

@@ -251,3 +251,18 @@ def test_trace_time_errors():
         q, kv = jnp.ones((1, 4, 64), jnp.float32), jnp.ones((1, 2, 64), jnp.float32)
         with pytest.raises(ValueError, match="float32 is not supported on CUDA"):
             ops.attention(q, kv, kv, meta, store_id=store.store_id, layer=0, scale=1.0)
+
+
+def test_host_store_rejected_by_the_cuda_handler():
+    """A store on the host cannot be read by the CUDA kernels: an FFI error, never a fault."""
+    with KVStore(2, 2, 64, jnp.bfloat16, SLOTS, MAX_TOKENS, budget_bytes=1 << 24,
+                 device="cpu") as store:
+        store.reserve(0, 1)
+        store.apply_pending()
+        q, kv = jnp.ones((1, 4, 64), jnp.bfloat16), jnp.ones((1, 2, 64), jnp.bfloat16)
+        meta = AttnMeta(positions=jnp.zeros(1, jnp.int32), seq_start=jnp.asarray([0, 1], jnp.int32),
+                        seq_slot=jnp.asarray([0], jnp.int32), seq_len=jnp.asarray([1], jnp.int32))
+        assert q.devices() == {jax.devices("gpu")[0]}
+        with pytest.raises(Exception, match="lives on cpu but the op runs on cuda:0"):
+            out = ops.attention(q, kv, kv, meta, store_id=store.store_id, layer=0, scale=1.0)
+            out.block_until_ready()

@@ -164,9 +164,14 @@ ffi::Error attention_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ff
                           ffi::AnyBuffer seq_slot, ffi::AnyBuffer seq_len,
                           ffi::Result<ffi::AnyBuffer> out, int32_t store_id, int32_t layer,
                           float scale) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    return ffi::Error::Internal("jvt_attention: cudaGetDevice failed: " +
+                                std::string(cudaGetErrorString(cudaGetLastError())));
+  }
   AttnParams p;
   if (ffi::Error err = prepare_attention(q, k, v, seq_start, seq_slot, seq_len, *out, store_id,
-                                         layer, scale, &p);
+                                         layer, scale, device, &p);
       err.failure()) {
     return err;
   }
