@@ -33,7 +33,8 @@ class Backend {
   // Zeroed int32 [n] table written by the host and read/written by the device without copies.
   // Returns the host pointer; *device receives the pointer kernels use. Freed with the backend.
   virtual int32_t* alloc_shared_table(int64_t n, int32_t** device) = 0;
-  // Copy bytes between host memory and mapped store memory (either direction).
+  // Copy bytes between host memory (pageable) and mapped store memory, either direction. The
+  // copy is complete when the call returns: the destination holds every byte.
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
 };
 

@@ -1,6 +1,7 @@
 // nanobind face of the KV store: jvt._native.KVStore (wrapped by jvt/kv.py), the registry
 // lookup for tests, CUDA availability, and native timing loops for bench/vmm.py.
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -69,6 +70,20 @@ nb::dict stats_dict(const KVStats& s) {
 
 int64_t token_kv_bytes(const KVStore& s) {
   return 2 * int64_t{s.spec().kv_heads} * s.spec().head_dim * s.layout().elem_bytes;
+}
+
+// Host buffers of swap_out / swap_in: flat uint8 numpy arrays, never converted (a converted
+// copy would receive swap_out's bytes instead of the caller's array).
+using HostOut = nb::ndarray<uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using HostIn = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+void check_swap_size(const KVStore& s, const char* who, int64_t n_tokens, size_t size) {
+  const int64_t want = n_tokens * s.layout().token_bytes;
+  if (static_cast<int64_t>(size) != want)
+    throw std::invalid_argument(std::string(who) + ": the host buffer has " +
+                                std::to_string(size) + " bytes, expected n_tokens=" +
+                                std::to_string(n_tokens) + " * token_bytes=" +
+                                std::to_string(s.layout().token_bytes));
 }
 
 using Clock = std::chrono::steady_clock;
@@ -168,6 +183,22 @@ void bind_kv_store(nb::module_& m) {
              }
              return nb::bytes(out.data(), out.size());
            })
+      .def("swap_out",
+           [](NativeStore& s, int32_t slot, int64_t n_tokens, HostOut out) {
+             KVStore& k = s.get();
+             check_swap_size(k, "swap_out", n_tokens, out.size());
+             nb::gil_scoped_release nogil;
+             k.swap_out(slot, n_tokens, out.data());
+           },
+           nb::arg("slot"), nb::arg("n_tokens"), nb::arg("out").noconvert())
+      .def("swap_in",
+           [](NativeStore& s, int32_t slot, int64_t n_tokens, HostIn data) {
+             KVStore& k = s.get();
+             check_swap_size(k, "swap_in", n_tokens, data.size());
+             nb::gil_scoped_release nogil;
+             k.swap_in(slot, n_tokens, data.data());
+           },
+           nb::arg("slot"), nb::arg("n_tokens"), nb::arg("data").noconvert())
       // Benchmark helpers (bench/vmm.py): native loops, no Python in the timed region.
       .def("_bench_apply_pending",
            [](NativeStore& s, int64_t n) {

@@ -242,6 +242,18 @@ struct KVStore::Impl {
                                        ") (the slot's mapped capacity)");
   }
 
+  // Start of the slot's range after checking that its first n_tokens are mapped. Caller
+  // holds map_mu, so no retire can unmap them before the copy is done.
+  uint8_t* mapped_prefix(int32_t slot, int64_t n_tokens, const char* who) {
+    check_slot("slot", slot);
+    const int64_t cap = __atomic_load_n(&capacity_host[slot], __ATOMIC_ACQUIRE);
+    require(n_tokens >= 0 && n_tokens <= cap,
+            std::string(who) + ": n_tokens=" + std::to_string(n_tokens) + " out of range [0, " +
+                std::to_string(cap) + "] (the mapped capacity of slot " + std::to_string(slot) +
+                ")");
+    return base + slot * layout.slot_stride;
+  }
+
   uint8_t* token_ptr(int32_t slot, int64_t pos, int32_t layer) const {
     return base + slot * layout.slot_stride + pos * layout.token_bytes +
            int64_t{layer} * 2 * spec.kv_heads * spec.head_dim * layout.elem_bytes;
@@ -454,6 +466,20 @@ void KVStore::read_token(int32_t slot, int64_t pos, int32_t layer, void* dst) {
   const int64_t bytes = 2 * int64_t{impl_->spec.kv_heads} * impl_->spec.head_dim *
                         impl_->layout.elem_bytes;
   impl_->backend->copy(dst, impl_->token_ptr(slot, pos, layer), bytes);
+}
+
+void KVStore::swap_out(int32_t slot, int64_t n_tokens, void* host) {
+  apply_pending();
+  std::lock_guard<std::mutex> mm(impl_->map_mu);
+  uint8_t* src = impl_->mapped_prefix(slot, n_tokens, "swap_out");
+  if (n_tokens > 0) impl_->backend->copy(host, src, n_tokens * impl_->layout.token_bytes);
+}
+
+void KVStore::swap_in(int32_t slot, int64_t n_tokens, const void* host) {
+  apply_pending();
+  std::lock_guard<std::mutex> mm(impl_->map_mu);
+  uint8_t* dst = impl_->mapped_prefix(slot, n_tokens, "swap_in");
+  if (n_tokens > 0) impl_->backend->copy(dst, host, n_tokens * impl_->layout.token_bytes);
 }
 
 // ---- registry --------------------------------------------------------------------------

@@ -126,6 +126,15 @@ class KVStore {
   void write_token(int32_t slot, int64_t pos, int32_t layer, const void* src);
   void read_token(int32_t slot, int64_t pos, int32_t layer, void* dst);
 
+  // Preemption by swapping: copy the first n_tokens * token_bytes bytes of the slot's
+  // contiguous range (base + slot * slot_stride) out to / in from host memory. Complete pending
+  // mappings first; throw std::invalid_argument unless 0 <= n_tokens <= the slot's mapped
+  // capacity. The copy is complete when the call returns (Backend::copy). Precondition, the
+  // caller's to keep: no enqueued device step still writes those positions (swap_out) or
+  // touches the slot at all (swap_in).
+  void swap_out(int32_t slot, int64_t n_tokens, void* host);
+  void swap_in(int32_t slot, int64_t n_tokens, const void* host);
+
   struct Impl;
 
  private:

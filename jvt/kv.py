@@ -202,6 +202,40 @@ class KVStore:
         """Every step <= ``step`` has finished: unmap and recycle what was released up to it."""
         self._native.retire(step)
 
+    # -- swapping (preemption) ---------------------------------------------------------
+
+    def swap_out(self, slot: int, n_tokens: int) -> np.ndarray:
+        """Copy the KV of the first ``n_tokens`` positions of ``slot`` to host memory.
+
+        Returns a new uint8 array of ``n_tokens * token_bytes`` bytes (the slot's contiguous
+        range, every layer of each token), complete when this returns. Pending mappings are
+        applied first; ValueError unless 0 <= n_tokens <= the slot's mapped capacity.
+        Precondition (the caller's): no enqueued device step still writes those positions.
+        """
+        if not isinstance(n_tokens, int | np.integer) or not 0 <= n_tokens <= self.max_tokens:
+            raise ValueError(f"swap_out: n_tokens={n_tokens!r} must be an int in "
+                             f"[0, {self.max_tokens}]")
+        data = np.empty(n_tokens * self.token_bytes, np.uint8)
+        self._native.swap_out(slot, n_tokens, data)
+        return data
+
+    def swap_in(self, slot: int, data: np.ndarray) -> None:
+        """Copy ``data`` (from ``swap_out``) back into the first positions of ``slot``.
+
+        ``data`` must be a 1-D uint8 array of a whole number of tokens (``token_bytes`` each);
+        its ``len(data) // token_bytes`` tokens must lie within the slot's mapped capacity
+        (reserve them first; pending mappings are applied). Complete when this returns.
+        Precondition (the caller's): no enqueued device step touches the slot.
+        """
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
+            raise ValueError("swap_in: data must be a 1-D uint8 numpy array (from swap_out), "
+                             f"got {type(data).__name__} "
+                             f"{getattr(data, 'dtype', '')}{getattr(data, 'shape', '')}")
+        if data.size % self.token_bytes:
+            raise ValueError(f"swap_in: data has {data.size} bytes, not a multiple of "
+                             f"token_bytes={self.token_bytes}")
+        self._native.swap_in(slot, data.size // self.token_bytes, np.ascontiguousarray(data))
+
     # -- introspection -----------------------------------------------------------------
 
     def stats(self) -> KVStats:

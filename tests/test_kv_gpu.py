@@ -24,6 +24,8 @@ from test_kv_store import (  # noqa: F401 - re-collected with the fixture `devic
     test_share_from_draining_source,
     test_share_less_than_a_chunk_shares_nothing,
     test_share_whole_chunks_zero_copy,
+    test_swap_bad_calls,
+    test_swap_out_and_in_round_trip_across_a_chunk_boundary,
 )
 
 from jvt import _native

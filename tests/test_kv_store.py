@@ -323,6 +323,71 @@ def test_80_layer_single_head_chunks(device):
         assert_reads(s, 0, data)
 
 
+# ---- swap out / swap in ----------------------------------------------------------------------
+
+
+def test_swap_out_and_in_round_trip_across_a_chunk_boundary(device):
+    with make(device=device, layers=2, kv_heads=16, head_dim=128, dtype="bfloat16", slots=4,
+              max_tokens=1000, budget_chunks=8) as s:
+        tpc = s.tokens_per_chunk
+        n = tpc + 37  # two chunks, the second one partly used
+        s.fence(0)
+        s.reserve(0, n + 5)
+        s.reserve(1, 1)
+        data = write_all(s, 0, range(n), "swap")
+        out = s.swap_out(0, n)
+        # The layout by hand: token-major, each token's layers in order, K then V.
+        want = np.concatenate([np.stack(data[pos, layer]).view(np.uint8).ravel()
+                               for pos in range(n) for layer in range(s.layers)])
+        assert out.dtype == np.uint8 and out.shape == (n * s.token_bytes,)
+        np.testing.assert_array_equal(out, want)
+
+        chunks = s.slot_chunks(0)
+        s.release(0)
+        s.retire(0)
+        s.reserve(3, n + 1)
+        assert s.slot_chunks(3) == chunks[::-1]  # the same chunks, now in the other order
+        write_all(s, 3, [0, tpc - 1, tpc, n - 1], "garbage")
+        after = write_all(s, 3, [n], "after")  # beyond the swapped tokens: left alone
+        out.setflags(write=False)  # swap_in only reads
+        s.swap_in(3, out)
+        assert_reads(s, 3, data)
+        assert_reads(s, 3, after)
+        np.testing.assert_array_equal(s.swap_out(3, n), want)
+        assert s.swap_out(3, 0).shape == (0,)
+        s.swap_in(3, s.swap_out(3, 0))  # nothing to copy
+
+
+def test_swap_bad_calls(device):
+    with make(device=device, max_tokens=5000) as s:
+        tpc = s.tokens_per_chunk
+        s.reserve(0, 10)  # pending mappings are applied by the swap calls
+        assert s.swap_out(0, tpc).nbytes == tpc * s.token_bytes
+        with pytest.raises(ValueError, match=rf"swap_out: n_tokens={tpc + 1} out of range "
+                                             rf"\[0, {tpc}\] \(the mapped capacity of slot 0\)"):
+            s.swap_out(0, tpc + 1)
+        with pytest.raises(ValueError, match=r"swap_out: n_tokens=1 out of range \[0, 0\]"):
+            s.swap_out(1, 1)
+        with pytest.raises(ValueError, match=r"n_tokens=-1 must be an int in \[0, 5000\]"):
+            s.swap_out(0, -1)
+        with pytest.raises(ValueError, match=r"n_tokens=5001 must be an int"):
+            s.swap_out(0, 5001)
+        with pytest.raises(ValueError, match=r"slot=4 out of range \[0, 3\]"):
+            s.swap_out(4, 0)
+        one = s.swap_out(0, 1)
+        with pytest.raises(ValueError, match=r"slot=-1 out of range"):
+            s.swap_in(-1, one)
+        with pytest.raises(ValueError, match=r"swap_in: n_tokens=1 out of range \[0, 0\]"):
+            s.swap_in(2, one)
+        with pytest.raises(ValueError, match=rf"swap_in: n_tokens={tpc + 1} out of range"):
+            s.swap_in(0, np.zeros((tpc + 1) * s.token_bytes, np.uint8))
+        with pytest.raises(ValueError, match="not a multiple of token_bytes"):
+            s.swap_in(0, one[:-1])
+        for bad in (one.view(np.float32), one.reshape(2, -1), bytes(one), list(one)):
+            with pytest.raises(ValueError, match="1-D uint8 numpy array"):
+                s.swap_in(0, bad)
+
+
 # ---- error flag and registry ----------------------------------------------------------------
 
 

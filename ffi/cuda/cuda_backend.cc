@@ -138,6 +138,7 @@ class CudaBackend final : public Backend {
       if (h != 0) d_.MemRelease(h);
     if (base_ != 0) d_.MemAddressFree(base_, reserved_bytes_);
     for (int32_t* t : tables_) cudaFreeHost(t);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
     d_.DevicePrimaryCtxRelease(dev_);
   }
 
@@ -199,9 +200,18 @@ class CudaBackend final : public Backend {
     return static_cast<int32_t*>(host);
   }
 
+  // Complete on return, in both directions. A plain cudaMemcpy is not: from pageable host
+  // memory to the device it may return once the bytes are staged, before the DMA lands, and a
+  // step XLA enqueues next on its own (non-blocking) stream would not wait for it. So the copy
+  // runs on a stream of our own, created on first use (copies are serialised by the store's
+  // map_mu), and the call synchronises that stream. Nothing orders it with XLA's stream: the
+  // store's callers guarantee that no enqueued step touches the copied range meanwhile.
   void copy(void* dst, const void* src, size_t bytes) override {
     check(cudaSetDevice(device_), "cudaSetDevice");
-    check(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), "cudaMemcpy");
+    if (stream_ == nullptr)
+      check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_), "cudaMemcpyAsync");
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
   }
 
  private:
@@ -222,6 +232,7 @@ class CudaBackend final : public Backend {
   int64_t chunk_bytes_ = 0;
   std::vector<CUmemGenericAllocationHandle> handles_;  // by chunk id; 0 = not created
   std::vector<int32_t*> tables_;
+  cudaStream_t stream_ = nullptr;  // copies (Backend::copy), created on first use
 };
 
 }  // namespace
