@@ -16,6 +16,9 @@ def _geometric_up_to(lo: int, hi: int) -> tuple[int, ...]:
     return (*sizes, hi)
 
 
+PREEMPTION_MODES = ("swap", "recompute")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Engine limits and policies (pass them as keyword arguments to ``jvt.Engine``).
@@ -30,6 +33,12 @@ class EngineConfig:
     token_buckets / seq_buckets: the compiled step shapes (T packed tokens, S sequences); None
       derives 16, 64, 256, ... up to max_num_batched_tokens and 4, 16, 64, ... up to
       max_num_seqs.
+    preemption_mode: what a sequence preempted under KV pressure keeps. "swap": the KV it has
+      computed is copied to host memory and back into a slot when it is re-admitted (bit-exact
+      continuation; the host waits for the step in flight first). "recompute": the KV is dropped
+      and its tokens are prefilled again (through other kernels on CUDA, so bf16 outputs may
+      differ after a preemption). See docs/engine.md.
+    swap_space_bytes: host memory for swapped KV; a victim that would exceed it is recomputed.
     enable_prefix_sharing: map the KV chunks of a shared, chunk-aligned prompt prefix from a
       live or retained slot instead of recomputing them; finished requests keep their slot
       (retained, evicted LRU) so later requests can share from it.
@@ -47,6 +56,8 @@ class EngineConfig:
     prefill_chunk: int = 256
     token_buckets: tuple[int, ...] | None = None
     seq_buckets: tuple[int, ...] | None = None
+    preemption_mode: str = "swap"
+    swap_space_bytes: int = 4 << 30
     enable_prefix_sharing: bool = True
     seed: int = 0
     xla_mem_fraction: float = 0.5
@@ -56,14 +67,17 @@ class EngineConfig:
             _positive_int(name, getattr(self, name))
         if self.kv_budget_bytes is not None:
             _positive_int("kv_budget_bytes", self.kv_budget_bytes)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"EngineConfig.seed must be an int >= 0, got {self.seed!r}")
+        for name in ("seed", "swap_space_bytes"):
+            _non_negative_int(name, getattr(self, name))
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(
                 f"EngineConfig.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError("EngineConfig.dtype must be None, 'bfloat16', 'float16' or "
                              f"'float32', got {self.dtype!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"EngineConfig.preemption_mode must be one of {PREEMPTION_MODES}, "
+                             f"got {self.preemption_mode!r}")
         if not isinstance(self.enable_prefix_sharing, bool):
             raise ValueError("EngineConfig.enable_prefix_sharing must be a bool, got "
                              f"{self.enable_prefix_sharing!r}")
@@ -90,6 +104,11 @@ class EngineConfig:
 def _positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"EngineConfig.{name} must be a positive int, got {value!r}")
+
+
+def _non_negative_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"EngineConfig.{name} must be an int >= 0, got {value!r}")
 
 
 def _buckets(name: str, sizes, top: int) -> tuple[int, ...]:

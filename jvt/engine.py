@@ -104,7 +104,9 @@ class Engine:
         self.scheduler = Scheduler(
             self.store, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, prefill_chunk=cfg.prefill_chunk,
-            max_model_len=cfg.max_model_len, enable_prefix_sharing=cfg.enable_prefix_sharing)
+            max_model_len=cfg.max_model_len, enable_prefix_sharing=cfg.enable_prefix_sharing,
+            preemption_mode=cfg.preemption_mode, swap_space_bytes=cfg.swap_space_bytes,
+            wait_device=self._wait_device)
         self.runner = Runner(self.model.params, mc, self.store, token_buckets=cfg.token_buckets,
                              seq_buckets=cfg.seq_buckets, device=self.device)
         self.runner.warmup()
@@ -227,7 +229,8 @@ class Engine:
         return True
 
     def stats(self) -> dict:
-        """KV memory (mapped vs used bytes, chunks), slots and queue lengths."""
+        """KV memory (mapped vs used bytes, chunks), slots, queue lengths, preemptions and the
+        host bytes held by swapped-out sequences."""
         kv = self.store.stats()
         sched = self.scheduler
         used = sum(s.kv_valid for s in sched.running) + sum(len(r.tokens)
@@ -249,6 +252,8 @@ class Engine:
             "waiting": len(sched.waiting),
             "running": len(sched.running),
             "preemptions": sched.num_preemptions,
+            "swaps": sched.num_swaps,
+            "swapped_bytes": sched.swapped_bytes,
             "compiles": self.runner.num_compiles,
         }
 
@@ -284,6 +289,13 @@ class Engine:
         if plan is not None:
             self._stalled = 0
         self._inflight = launched
+
+    def _wait_device(self) -> None:
+        """Block until the step in flight has finished on the device, so its KV writes have
+        landed; its results are still read back by step() as usual. The scheduler calls this
+        before it swaps a slot out."""
+        if self._inflight is not None:
+            self._inflight[2].block_until_ready()
 
     def _postprocess(self, plan, host) -> None:
         now = time.perf_counter()

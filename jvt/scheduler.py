@@ -4,7 +4,8 @@ It owns the waiting and running queues and every KV-store call that changes a sl
 share, release, fence, retire). Each step packs one decode token of every decoding sequence and
 prefill chunks within the token budget. When the physical budget runs out it first evicts
 retained slots (finished sequences kept for sessions and prefix sharing, least recently used
-first), then preempts the youngest running sequence, which is recomputed later.
+first), then preempts the youngest running sequence: its KV is swapped out to host memory and
+back in when it is re-admitted ("swap"), or dropped and recomputed ("recompute").
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import collections
 import dataclasses
 import enum
 import itertools
+from collections.abc import Callable
+
+import numpy as np
 
 from jvt.kv import KVCacheFull
 from jvt.prefix import PrefixIndex
@@ -33,7 +37,8 @@ class Sequence:
 
     tokens holds the prompt and every generated token the host has read back; ``pending`` counts
     tokens sampled by enqueued steps and not read back yet (at most one with one-step lag).
-    Positions [0, num_computed) of the slot hold (or are being given) the KV of the sequence.
+    Positions [0, num_computed) of the slot hold (or are being given) the KV of the sequence;
+    while it waits after a swap-out, ``swapped`` holds that KV on the host instead (no slot).
     """
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -49,6 +54,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.slot: int | None = None
         self.num_computed = 0
+        self.swapped: np.ndarray | None = None  # KV of [0, num_computed) while swapped out
         self.pending = 0
         self.prefix_reused = 0
         self.num_preemptions = 0
@@ -112,16 +118,26 @@ class Scheduler:
       tokens of one sequence per step. max_model_len: total tokens of a sequence.
       enable_prefix_sharing: share chunk-aligned prompt prefixes between slots and keep finished
       sequences' slots around for it.
+      preemption_mode: "swap" (copy a victim's KV to host memory and back, store.swap_out /
+      swap_in) or "recompute" (drop it). swap_space_bytes: most host bytes held by swapped
+      sequences; a victim that would exceed it is recomputed.
+      wait_device: blocks until the device has finished every enqueued step (without reading
+      its results back); called before a slot is swapped out, since the step in flight may
+      still be writing it.
     """
 
     def __init__(self, store, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_chunk: int, max_model_len: int, enable_prefix_sharing: bool):
+                 prefill_chunk: int, max_model_len: int, enable_prefix_sharing: bool,
+                 preemption_mode: str, swap_space_bytes: int, wait_device: Callable[[], None]):
         self.store = store
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk = prefill_chunk
         self.max_model_len = max_model_len
         self.enable_prefix_sharing = enable_prefix_sharing
+        self.preemption_mode = preemption_mode
+        self.swap_space_bytes = swap_space_bytes
+        self.wait_device = wait_device
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # oldest first
         self.retained: collections.OrderedDict[int, Retained] = collections.OrderedDict()  # LRU
@@ -132,6 +148,8 @@ class Scheduler:
         self.fence_step = -1
         self.retired_step = -1
         self.num_preemptions = 0
+        self.num_swaps = 0
+        self.swapped_bytes = 0  # host bytes held by swapped-out sequences
 
     # -- requests ------------------------------------------------------------------------
 
@@ -149,6 +167,8 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
+        if seq.swapped is not None:
+            self._free_swapped(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
         if seq.slot is None:
             return
@@ -264,6 +284,8 @@ class Scheduler:
                 self._unplace(seq)
                 skipped.append(seq)
                 break
+            if seq.swapped is not None:
+                self._swap_in(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             entries.append(entry)
@@ -272,7 +294,13 @@ class Scheduler:
         self.running.sort(key=lambda s: s.order)
 
     def _place(self, seq: Sequence) -> bool:
-        """Give ``seq`` a slot: its owner's retained slot, else a free one (evicting LRU)."""
+        """Give ``seq`` a slot: its owner's retained slot, else a free one (evicting LRU).
+
+        A swapped-out sequence gets a free slot and keeps its num_computed: its KV comes back
+        from the host (no retained slot or shared prefix is mapped under it).
+        """
+        if seq.swapped is not None:
+            return self._take_free_slot(seq)
         for slot, r in self.retained.items():
             if seq.owner is not None and r.owner is seq.owner:
                 del self.retained[slot]
@@ -283,11 +311,8 @@ class Scheduler:
                     return True
                 self._release(slot)
                 break
-        if not self.free_slots and self.retained:
-            self._release(self.retained.popitem(last=False)[0])
-        if not self.free_slots:
+        if not self._take_free_slot(seq):
             return False
-        seq.slot = self.free_slots.pop()
         seq.num_computed = 0
         if self.enable_prefix_sharing:
             src, n = self.index.longest(seq.tokens, len(seq.tokens) - 1, exclude=seq.slot)
@@ -300,9 +325,19 @@ class Scheduler:
                     self.retained.move_to_end(src)
         return True
 
+    def _take_free_slot(self, seq: Sequence) -> bool:
+        """Give ``seq`` a free slot, evicting the least recently used retained one if needed."""
+        if not self.free_slots and self.retained:
+            self._release(self.retained.popitem(last=False)[0])
+        if not self.free_slots:
+            return False
+        seq.slot = self.free_slots.pop()
+        return True
+
     def _unplace(self, seq: Sequence) -> None:
         slot, seq.slot = seq.slot, None
-        seq.num_computed = 0
+        if seq.swapped is None:  # a swapped-out sequence still has its KV on the host
+            seq.num_computed = 0
         self._release(slot)
 
     def _reserve(self, slot: int, n_tokens: int) -> bool:
@@ -317,15 +352,45 @@ class Scheduler:
                 self._release(self.retained.popitem(last=False)[0])
 
     def _preempt(self, seq: Sequence) -> None:
-        """Free the slot of running ``seq``; it waits at the head and recomputes its KV."""
+        """Free the slot of running ``seq``, which waits at the head of the queue with its KV
+        swapped out to the host (swap mode, within swap_space_bytes) or to be recomputed."""
         self.running.remove(seq)
         slot, seq.slot = seq.slot, None
+        if self._can_swap(seq):
+            self._swap_out(seq, slot)
+        else:
+            seq.num_computed = 0
         self._release(slot)
         seq.status = Status.WAITING
-        seq.num_computed = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def _can_swap(self, seq: Sequence) -> bool:
+        size = seq.num_computed * self.store.token_bytes
+        return (self.preemption_mode == "swap"
+                and self.swapped_bytes + size <= self.swap_space_bytes)
+
+    def _swap_out(self, seq: Sequence, slot: int) -> None:
+        """Copy the KV of positions [0, num_computed) of ``slot`` to ``seq.swapped``.
+
+        Those positions are written once the enqueued steps finish, and the step in flight may
+        be one of them: wait for the device first. num_computed stays as it is.
+        """
+        self.wait_device()
+        seq.swapped = self.store.swap_out(slot, seq.num_computed)
+        self.swapped_bytes += seq.swapped.nbytes
+        self.num_swaps += 1
+
+    def _swap_in(self, seq: Sequence) -> None:
+        """Copy ``seq.swapped`` into its new slot (reserved to beyond num_computed): the
+        sequence goes on as if never preempted, from the token after num_computed."""
+        self.store.swap_in(seq.slot, seq.swapped)
+        self._free_swapped(seq)
+
+    def _free_swapped(self, seq: Sequence) -> None:
+        self.swapped_bytes -= seq.swapped.nbytes
+        seq.swapped = None
 
     def evict_all_retained(self) -> bool:
         """Release every retained slot; True if there was any (a stuck scheduler's last resort)."""

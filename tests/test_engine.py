@@ -21,6 +21,7 @@ WIDE = models.ModelConfig(
     num_kv_heads=16, head_dim=128, max_position_embeddings=1024, dtype="float32",
     bos_token_id=256, eos_token_id=(257, 262))
 TPC = 64  # tokens per 2 MiB chunk for WIDE
+TOKEN_BYTES = 32 << 10  # KV bytes per token for WIDE
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 ENGINE = {"max_num_seqs": 8, "max_model_len": 384, "max_num_batched_tokens": 128,
           "token_buckets": (16, 128), "seq_buckets": (8,), "prefill_chunk": 48}
@@ -145,15 +146,51 @@ def test_session_survives_eviction(model, reference):
                                       params).token_ids
 
 
-def test_tiny_budget_preempts_and_outputs_stay_identical(model, reference):
-    e = jvt.Engine(model, **ENGINE, kv_budget_bytes=5 * (2 << 20), enable_prefix_sharing=False)
+TINY_BUDGET = {**ENGINE, "kv_budget_bytes": 5 * (2 << 20), "enable_prefix_sharing": False}
+TINY_PARAMS = SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True)
+
+
+@pytest.mark.parametrize("mode,swap_space,swaps", [
+    ("swap", 4 << 30, True),
+    ("recompute", 4 << 30, False),
+    ("swap", TOKEN_BYTES - 1, False),  # no victim fits: every one is recomputed
+])
+def test_tiny_budget_preempts_and_outputs_stay_identical(model, reference, mode, swap_space,
+                                                         swaps):
+    e = jvt.Engine(model, **TINY_BUDGET, preemption_mode=mode, swap_space_bytes=swap_space)
     prompts = _prompts(6, seed=4, lo=40, hi=110)
-    params = SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True)
-    outs = e.generate(prompts, params, use_tqdm=False)
-    assert e.stats()["preemptions"] > 0
-    assert sum(o.metrics.num_preemptions for o in outs) > 0
+    outs = e.generate(prompts, TINY_PARAMS, use_tqdm=False)
+    stats = e.stats()
+    assert stats["preemptions"] > 0
+    assert sum(o.metrics.num_preemptions for o in outs) == stats["preemptions"]
+    assert (stats["swaps"] > 0) == swaps and stats["swaps"] <= stats["preemptions"]
+    assert stats["swapped_bytes"] == 0
     for prompt, out in zip(prompts, outs):
-        assert out.token_ids == reference(prompt, params).token_ids
+        assert out.token_ids == reference(prompt, TINY_PARAMS).token_ids
+    assert _in_use(e) == 0
+
+
+def test_abort_of_a_swapped_out_request_frees_its_host_bytes(model, reference):
+    e = jvt.Engine(model, **TINY_BUDGET, preemption_mode="swap")
+    prompts = _prompts(6, seed=4, lo=40, hi=110)
+    handles = [e.add_request(p, TINY_PARAMS) for p in prompts]
+    while not any(h.seq.swapped is not None for h in handles):
+        assert e.has_unfinished(), "no request was swapped out"
+        e.step()
+    swapped = [h for h in handles if h.seq.swapped is not None]
+    victim = swapped[0]
+    assert victim.seq.swapped.nbytes == victim.seq.num_computed * TOKEN_BYTES > 0
+    assert e.stats()["swapped_bytes"] == sum(h.seq.swapped.nbytes for h in swapped)
+    assert e.abort(victim.request_id)
+    assert victim.seq.swapped is None
+    assert e.stats()["swapped_bytes"] == sum(h.seq.swapped.nbytes for h in swapped[1:])
+    while e.has_unfinished():
+        e.step()
+    assert e.stats()["swapped_bytes"] == 0
+    assert victim.output().finish_reason == "abort"
+    for prompt, h in zip(prompts, handles):
+        if h is not victim:
+            assert h.output().token_ids == reference(prompt, TINY_PARAMS).token_ids
     assert _in_use(e) == 0
 
 
@@ -274,7 +311,10 @@ def test_request_that_cannot_fit_alone_and_bad_config(model):
     for kwargs, field in [({"max_num_seqs": 0}, "max_num_seqs"), ({"bogus": 1}, "bogus"),
                           ({"device": "tpu"}, "device"), ({"dtype": "int8"}, "dtype"),
                           ({"max_num_batched_tokens": 4}, "max_num_batched_tokens"),
-                          ({"token_buckets": (16, 64)}, "token_buckets")]:
+                          ({"token_buckets": (16, 64)}, "token_buckets"),
+                          ({"preemption_mode": "drop"}, "preemption_mode"),
+                          ({"swap_space_bytes": -1}, "swap_space_bytes"),
+                          ({"swap_space_bytes": 1.5}, "swap_space_bytes")]:
         with pytest.raises(ValueError, match=field):
             jvt.Engine(model, **{**ENGINE, **kwargs})
 
@@ -348,4 +388,4 @@ def test_random_workload_with_sessions_sharing_and_aborts_leaks_nothing(model):
     e.free_cache()
     kv = e.store.stats()
     assert kv.chunks_in_use == 0 and kv.mapped_bytes == 0
-    assert e.stats()["slots_free"] == 4
+    assert e.stats()["slots_free"] == 4 and e.stats()["swapped_bytes"] == 0

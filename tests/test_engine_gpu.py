@@ -89,11 +89,15 @@ def test_session_turn_equals_recomputing_the_conversation(engine, reference):
 
 
 def test_tiny_budget_preempts_and_outputs_stay_identical(model, reference):
-    e = jvt.Engine(model, **ENGINE, kv_budget_bytes=6 * (2 << 20), enable_prefix_sharing=False)
+    # Swap mode: a preempted sequence continues from its own KV, copied out and back in, so
+    # its tokens never go through the prefill kernel a second time (recompute could differ).
+    e = jvt.Engine(model, **ENGINE, kv_budget_bytes=6 * (2 << 20), enable_prefix_sharing=False,
+                   preemption_mode="swap")
     prompts = _prompts(8, seed=3, lo=300, hi=700)
     params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
     outs = e.generate(prompts, params, use_tqdm=False)
     assert e.stats()["preemptions"] > 0
+    assert e.stats()["swaps"] > 0
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == reference(prompt, params).token_ids
     assert e.store.stats().chunks_in_use == 0

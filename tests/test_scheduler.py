@@ -3,11 +3,13 @@
 The fake store keeps, for every physical chunk, the token id written at each of its positions;
 the fake model "attends" by reading a sequence's prefix back through its slot's chunk map and
 derives the next token from it. So a scheduling bug that maps, shares, reuses or releases the
-wrong chunks changes the generated tokens, which are compared with a direct reference.
+wrong chunks (or swaps the wrong KV out and in) changes the generated tokens, which are
+compared with a direct reference.
 """
 
 import random
 
+import numpy as np
 import pytest
 
 from jvt.kv import KVCacheFull
@@ -19,10 +21,12 @@ STOP = 0  # the fake model's EOS
 
 
 class FakeStore:
-    """reserve/share/release/fence/retire with refcounted chunks and deferred release."""
+    """reserve/share/release/fence/retire with refcounted chunks and deferred release, and
+    swap_out/swap_in of a slot's first tokens (one byte per token: its id)."""
 
     def __init__(self, slots: int, tokens_per_chunk: int, budget_chunks: int):
         self.tokens_per_chunk = tokens_per_chunk
+        self.token_bytes = 1
         self.budget_chunks = budget_chunks
         self.chunks = [[] for _ in range(slots)]  # slot -> physical chunk ids
         self.refs: dict[int, int] = {}  # chunk id -> refcount
@@ -31,6 +35,7 @@ class FakeStore:
         self.created = 0
         self.draining: dict[int, int] = {}  # slot -> fence at release
         self.fence_step = self.retired_step = -1
+        self.unfinished: set[tuple[int, int]] = set()  # (slot, pos) written by steps in flight
 
     def _new_chunk(self) -> int:
         if self.free:
@@ -92,6 +97,21 @@ class FakeStore:
     def chunks_in_use(self) -> int:
         return len(self.refs)
 
+    def swap_out(self, slot, n_tokens):
+        assert not any((slot, p) in self.unfinished for p in range(n_tokens)), \
+            "swap_out of positions a step in flight is still writing"
+        tokens = self.read(slot, n_tokens)
+        assert None not in tokens
+        return np.array(tokens, np.uint8)
+
+    def swap_in(self, slot, data):
+        assert len(self.chunks[slot]) * self.tokens_per_chunk >= len(data)
+        for pos, token in enumerate(data):
+            self.write(slot, pos, int(token))
+
+    def wait_device(self):
+        self.unfinished.clear()  # the fake device finishes every enqueued step
+
     # The fake device: write and read token ids through a slot's chunk map.
     def write(self, slot, pos, token):
         assert slot not in self.draining
@@ -135,6 +155,7 @@ class Driver:
             slots = [e.seq.slot for e in plan.entries]
             assert len(set(slots)) == len(slots)
             results = [self._execute(e) for e in plan.entries]
+            self.store.unfinished |= _writes(plan)
             self.step += 1
             self.sched.fence(self.step)
         if self.inflight is not None:
@@ -159,6 +180,7 @@ class Driver:
 
     def _postprocess(self, plan, results, step):
         self.store.retire(step - 1)  # the fake device finished everything before this step
+        self.store.unfinished -= _writes(plan)
         self.sched.retire(step)
         for e, token in zip(plan.entries, results):
             if not e.samples:
@@ -174,12 +196,17 @@ class Driver:
                 self.sched.finish(seq, "stop" if token == STOP else "length")
 
 
+def _writes(plan):
+    return {(e.seq.slot, e.start + i) for e in plan.entries for i in range(e.n)}
+
+
 def make(slots=4, tpc=4, budget_chunks=40, batched=24, prefill_chunk=7, max_model_len=64,
-         sharing=True):
+         sharing=True, mode="swap", swap_space=1 << 30):
     store = FakeStore(slots, tpc, budget_chunks)
     sched = Scheduler(store, max_num_seqs=slots, max_num_batched_tokens=batched,
                       prefill_chunk=prefill_chunk, max_model_len=max_model_len,
-                      enable_prefix_sharing=sharing)
+                      enable_prefix_sharing=sharing, preemption_mode=mode,
+                      swap_space_bytes=swap_space, wait_device=store.wait_device)
     return store, sched, Driver(store, sched, max_model_len)
 
 
@@ -210,6 +237,7 @@ def assert_no_leak(store, sched, slots):
     assert store.chunks_in_use() == 0
     assert sorted(sched.free_slots) == list(range(slots))
     assert not sched.draining and len(sched.index) == 0
+    assert sched.swapped_bytes == 0
 
 
 def run_requests(reqs, **kw):
@@ -240,12 +268,14 @@ def test_more_requests_than_slots_all_finish_correctly():
     assert_no_leak(store, sched, 4)
 
 
-def test_tiny_budget_forces_preemption_and_outputs_stay_identical():
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_tiny_budget_forces_preemption_and_outputs_stay_identical(mode):
     rng = random.Random(1)
     reqs = [([rng.randrange(1, VOCAB) for _ in range(rng.randint(5, 20))], 30, i)
             for i in range(12)]
-    store, sched, _ = run_requests(reqs, budget_chunks=14, sharing=False)
+    store, sched, _ = run_requests(reqs, budget_chunks=14, sharing=False, mode=mode)
     assert sched.num_preemptions > 0
+    assert (sched.num_swaps == sched.num_preemptions) if mode == "swap" else not sched.num_swaps
     assert store.created <= 14
     assert_no_leak(store, sched, 4)
 
@@ -293,10 +323,12 @@ def test_abort_returns_every_chunk():
     assert_no_leak(store, sched, 4)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_thousand_random_requests_leak_nothing(seed):
+@pytest.mark.parametrize("seed,mode,swap_space", [(0, "swap", 1 << 30), (1, "swap", 40),
+                                                   (0, "recompute", 0)])
+def test_thousand_random_requests_leak_nothing(seed, mode, swap_space):
     rng = random.Random(seed)
-    store, sched, driver = make(slots=6, budget_chunks=30, batched=32, max_model_len=48)
+    store, sched, driver = make(slots=6, budget_chunks=30, batched=32, max_model_len=48,
+                                mode=mode, swap_space=swap_space)
     owners = [object() for _ in range(3)]
     live, done = [], []
     for rid in range(500):
@@ -321,8 +353,13 @@ def test_thousand_random_requests_leak_nothing(seed):
         if s.finish_reason != "abort":
             assert s.tokens[s.num_prompt:] == reference(
                 s.tokens[:s.num_prompt], s.params.max_tokens, s.seed, 48), s
-    # The workload exercised what it is meant to: preemption, sharing, aborts, session reuse.
+    # The workload exercised what it is meant to: preemption (swapped where asked, recomputed
+    # where the swap space ran out), sharing, aborts, session reuse.
     assert sched.num_preemptions > 0
+    if mode == "swap":
+        assert 0 < sched.num_swaps and (swap_space > 40 or sched.num_swaps < sched.num_preemptions)
+    else:
+        assert sched.num_swaps == 0
     assert sum(s.prefix_reused for s in done if s.owner is None) > 0
     assert sum(s.prefix_reused for s in done if s.owner is not None) > 0
     assert any(s.finish_reason == "abort" for s in done)
