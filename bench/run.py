@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: check every code path")
     ap.add_argument("--only", default="", help=f"comma-separated parts among {list(PARTS)}")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="skip what would start after this many seconds (default: 480 for "
+                    help="skip what would start after this many seconds (default: 540 for "
                          "the full run, none with --smoke)")
     args = ap.parse_args(argv)
     only = [p for p in args.only.split(",") if p]
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"unknown part(s) {unknown}; allowed: {list(PARTS)}")
     args.parts = [p for p in PARTS if p in only] if only else list(PARTS)
     if args.budget_s is None:
-        args.budget_s = math.inf if args.smoke else 480.0
+        args.budget_s = math.inf if args.smoke else 540.0
     if not args.budget_s > 0:
         ap.error(f"--budget-s must be > 0, got {args.budget_s}")
     return args
