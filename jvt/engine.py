@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from jvt import models
 from jvt.config import make_config
+from jvt.detokenize import IncrementalDetokenizer
 from jvt.kv import KVStore
 from jvt.runner import Runner
 from jvt.scheduler import Scheduler, Sequence, Status
@@ -36,11 +37,12 @@ class Request:
     Engine-side bookkeeping: the scheduler's Sequence plus output text, logprobs and metrics.
     """
 
-    def __init__(self, seq: Sequence, prompt: str | None, metrics: RequestMetrics):
+    def __init__(self, seq: Sequence, prompt: str | None, metrics: RequestMetrics, tokenizer):
         self.seq = seq
         self.prompt = prompt
         self.metrics = metrics
         self.text = ""  # the output text (trimmed at a stop string once matched)
+        self.detokenizer = IncrementalDetokenizer(tokenizer, seq.num_prompt)
         self.logprobs: list[Logprob] | None = [] if seq.params.logprobs is not None else None
         self.streamed_text = 0  # characters of text already given to a stream
         self.streamed_tokens = 0
@@ -223,7 +225,7 @@ class Engine:
         if req is None or req.finished:
             return False
         self.scheduler.finish(req.seq, "abort")
-        req.text = self._decode(req)
+        req.text += req.detokenizer.flush(req.seq.tokens)
         req.metrics.finished_time = time.perf_counter()
         del self._requests[request_id]
         return True
@@ -324,35 +326,37 @@ class Engine:
     def _finish_reason(self, req: Request, token: int) -> str | None:
         seq, params = req.seq, req.seq.params
         before = len(req.text)
-        req.text = self._decode(req)
+        req.text += req.detokenizer.step(seq.tokens)
+        shown = req.text + req.detokenizer.pending  # the full decode of the output so far
         for stop in params.stop:
             # The new token may also complete a character held as U+FFFD: look a bit back.
-            at = req.text.find(stop, max(0, before - len(stop) - 4))
+            at = shown.find(stop, max(0, before - len(stop) - 4))
             if at >= 0:
-                req.text = req.text[:at]
+                req.text = shown[:at]
                 return "stop"
+        reason = None
         if token in params.stop_token_ids or (
                 not params.ignore_eos and token in self.tokenizer.eos_ids):
-            return "stop"
-        if seq.num_output >= params.max_tokens or len(seq.tokens) >= self.config.max_model_len:
-            return "length"
-        return None
-
-    def _decode(self, req: Request) -> str:
-        return self.tokenizer.decode(req.seq.tokens[req.seq.num_prompt:])
+            reason = "stop"
+        elif seq.num_output >= params.max_tokens or len(seq.tokens) >= self.config.max_model_len:
+            reason = "length"
+        if reason is not None:
+            req.text += req.detokenizer.flush(seq.tokens)
+        return reason
 
     def _delta(self, req: Request) -> StreamDelta | None:
         """What ``req`` produced since its last delta; None when nothing new yet or done."""
         if req.stream_done:
             return None
         tokens = req.seq.tokens[req.seq.num_prompt + req.streamed_tokens:]
-        end = len(req.text)
+        shown = req.text if req.finished else req.text + req.detokenizer.pending
+        end = len(shown)
         if not req.finished:
             # Hold back what may still turn into a stop string or complete a UTF-8 character.
             end -= max((len(s) - 1 for s in req.seq.params.stop), default=0)
-            while end > req.streamed_text and req.text[end - 1] == "\ufffd":
+            while end > req.streamed_text and shown[end - 1] == "\ufffd":
                 end -= 1
-        text = req.text[req.streamed_text:end] if end > req.streamed_text else ""
+        text = shown[req.streamed_text:end] if end > req.streamed_text else ""
         if not req.finished and not tokens and not text:
             return None
         req.streamed_tokens += len(tokens)
@@ -401,7 +405,8 @@ class Engine:
         seed = params.seed if params.seed is not None else \
             (self.config.seed * 1_000_003 + number) % 2**32
         seq = Sequence(str(number), ids, params, seed, owner)
-        req = Request(seq, text, RequestMetrics(time.perf_counter(), prompt_tokens=len(ids)))
+        req = Request(seq, text, RequestMetrics(time.perf_counter(), prompt_tokens=len(ids)),
+                      self.tokenizer)
         self._requests[seq.request_id] = req
         self.scheduler.add(seq)
         return req
