@@ -7,7 +7,8 @@
 The presets have RANDOM WEIGHTS: their replies are gibberish. They exist so the whole engine
 runs without any download; pass --model with a local Hugging Face checkpoint for real text.
 Each turn keeps the conversation's KV cache in its slot, so only the new message is prefilled;
-after every reply the script prints the time to first token and the decode rate.
+after every reply the script prints the time to first token and the decode rate
+(the loop itself is jvt/chat.py, shared with `python -m jvt chat`).
 Ctrl-D or Ctrl-C exits.
 """
 
@@ -15,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import jvt
 import jvt.models
-from jvt.session import Session
+from jvt.chat import repl
 
 
 def main() -> int:
@@ -46,37 +46,9 @@ def main() -> int:
                         seq_buckets=(1, 4))
     params = jvt.SamplingParams(temperature=args.temperature, top_p=args.top_p,
                                 max_tokens=args.max_tokens)
-    interactive = sys.stdin.isatty()
     with engine.session(args.system) as session:
-        try:
-            while True:
-                try:
-                    text = input("you> " if interactive else "")
-                except EOFError:
-                    break
-                if not text.strip():
-                    continue
-                if not interactive:  # echo piped input so the transcript reads like a chat
-                    print(f"you> {text}")
-                turn(session, text, params)
-        except KeyboardInterrupt:  # also aborts the reply being streamed
-            print()
+        repl(session, params)
     return 0
-
-
-def turn(session: Session, text: str, params: jvt.SamplingParams) -> None:
-    """Stream one reply, then print TTFT and tokens/s of the turn."""
-    print("bot> ", end="", flush=True)
-    start, first, tokens = time.perf_counter(), None, 0
-    for delta in session.stream(text, params):
-        if delta.token_ids and first is None:
-            first = time.perf_counter()
-        tokens += len(delta.token_ids)
-        print(delta.text, end="", flush=True)
-    end = time.perf_counter()
-    ttft = (first - start) * 1e3 if first else float("nan")
-    rate = (tokens - 1) / (end - first) if first and tokens > 1 and end > first else 0.0
-    print(f"\n     [{tokens} tokens, ttft {ttft:.1f} ms, {rate:.1f} tok/s]", flush=True)
 
 
 if __name__ == "__main__":

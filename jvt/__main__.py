@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,35 +65,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _chat(engine, params, system: str | None) -> int:
-    interactive = sys.stdin.isatty()
-    session = engine.session(system)
-    try:
-        while True:
-            try:
-                text = input("you> " if interactive else "")
-            except EOFError:
-                break
-            if not text.strip():
-                continue
-            if not interactive:
-                print(f"you> {text}")
-            print("bot> ", end="", flush=True)
-            start, first, n = time.perf_counter(), None, 0
-            for delta in session.stream(text, params):
-                if delta.token_ids and first is None:
-                    first = time.perf_counter()
-                n += len(delta.token_ids)
-                print(delta.text, end="", flush=True)
-            end = time.perf_counter()
-            rate = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
-            ttft = (first - start) * 1e3 if first else float("nan")
-            print(f"\n     [{n} tokens, ttft {ttft:.1f} ms, {rate:.1f} tok/s]")
-    except KeyboardInterrupt:
-        print()
-    finally:
-        session.close()
-    return 0
+    from jvt.chat import repl
 
+    with engine.session(system) as session:
+        repl(session, params)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
