@@ -183,7 +183,7 @@ class Engine:
         req = self._add(*checked, owner=owner)
         try:
             while True:
-                delta = self._delta(req)
+                delta = self.take_delta(req)
                 if delta is not None:
                     yield delta
                 if req.stream_done:
@@ -273,6 +273,11 @@ class Engine:
         plan = self.scheduler.schedule()
         launched = None
         if plan is not None:
+            now = time.perf_counter()
+            for entry in plan.entries:
+                req = self._requests.get(entry.seq.request_id)
+                if req is not None and req.metrics.scheduled_time is None:
+                    req.metrics.scheduled_time = now
             result = self.runner.launch(plan)
             self._step_id += 1
             self.scheduler.fence(self._step_id)
@@ -344,8 +349,14 @@ class Engine:
             req.text += req.detokenizer.flush(seq.tokens)
         return reason
 
-    def _delta(self, req: Request) -> StreamDelta | None:
-        """What ``req`` produced since its last delta; None when nothing new yet or done."""
+    def take_delta(self, req: Request) -> StreamDelta | None:
+        """What ``req`` (from ``add_request``) produced since its previous delta, or None when
+        nothing new is settled yet or its final delta was already taken.
+
+        Text that may still become a stop string or complete a UTF-8 character is held back;
+        the final delta (``finish_reason`` set) carries the rest. The deltas of one request add
+        up to its ``output()`` text, token ids and logprobs.
+        """
         if req.stream_done:
             return None
         tokens = req.seq.tokens[req.seq.num_prompt + req.streamed_tokens:]
@@ -359,10 +370,13 @@ class Engine:
         text = shown[req.streamed_text:end] if end > req.streamed_text else ""
         if not req.finished and not tokens and not text:
             return None
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = req.logprobs[req.streamed_tokens:req.streamed_tokens + len(tokens)]
         req.streamed_tokens += len(tokens)
         req.streamed_text += len(text)
         req.stream_done = req.finished
-        return StreamDelta(req.seq.request_id, text, tokens, req.seq.finish_reason)
+        return StreamDelta(req.seq.request_id, text, tokens, req.seq.finish_reason, logprobs)
 
     # -- requests ------------------------------------------------------------------------
 

@@ -111,6 +111,7 @@ class RequestMetrics:
     """
 
     arrival_time: float
+    scheduled_time: float | None = None  # when a step first ran the request (end of queueing)
     token_times: list[float] = dataclasses.field(default_factory=list)
     finished_time: float | None = None
     prompt_tokens: int = 0
@@ -120,6 +121,10 @@ class RequestMetrics:
     @property
     def ttft(self) -> float | None:
         return self.token_times[0] - self.arrival_time if self.token_times else None
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.scheduled_time is None else self.scheduled_time - self.arrival_time
 
     @property
     def itl(self) -> list[float]:
@@ -175,3 +180,4 @@ class StreamDelta:
     text: str  # new text (held back while it may still become a stop string)
     token_ids: list[int]  # new token ids
     finish_reason: str | None  # set on the last delta
+    logprobs: list[Logprob] | None = None  # one per new token id when the request asked

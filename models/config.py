@@ -29,7 +29,9 @@ class ModelConfig:
     """Hyper-parameters of a LLaMA-family decoder (Llama 2/3.x, Mistral, Qwen2).
 
     rope_scaling is None or a llama3 dict with keys factor, low_freq_factor, high_freq_factor,
-    original_max_position_embeddings. eos_token_id is an int, a tuple of ints, or None.
+    original_max_position_embeddings. rope_freq_factors (GGUF files of Llama 3.1/3.2 store
+    llama3 scaling this way, as the tensor rope_freqs.weight) is None or head_dim/2 floats that
+    divide the rotary inverse frequencies; at most one of the two is set. eos_token_id is an int, a tuple of ints, or None.
     dtype is the storage and activation dtype of the weights: "bfloat16", "float16", "float32".
     """
 
@@ -42,6 +44,7 @@ class ModelConfig:
     head_dim: int
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    rope_freq_factors: tuple[float, ...] | None = None
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False
@@ -71,6 +74,14 @@ class ModelConfig:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if self.rope_scaling is not None:
             _check_llama3_scaling(self.rope_scaling)
+        if self.rope_freq_factors is not None:
+            factors = tuple(float(f) for f in self.rope_freq_factors)
+            object.__setattr__(self, "rope_freq_factors", factors)
+            if len(factors) != self.head_dim // 2 or not all(f > 0 for f in factors):
+                raise ValueError(f"rope_freq_factors must be head_dim/2 = {self.head_dim // 2} "
+                                 f"positive floats, got {len(factors)} values")
+            if self.rope_scaling is not None:
+                raise ValueError("set rope_scaling or rope_freq_factors, not both")
         eos = self.eos_token_id
         if isinstance(eos, list):
             object.__setattr__(self, "eos_token_id", tuple(eos))
