@@ -17,6 +17,10 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete one or more prompts")
     gen.add_argument("--prompt", action="append", required=True,
                      help="a prompt (repeat for a batch)")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (docs/server.md)")
+    from jvt.server.cli import add_arguments
+
+    add_arguments(serve)
     chat = sub.add_parser("chat", help="interactive multi-turn chat (stdin may be piped)")
     chat.add_argument("--system", default=None, help="system message")
     for sp in (gen, chat):
@@ -35,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        from jvt.server.cli import run
+
+        return run(args)
     import jvt
 
     try:
