@@ -1,0 +1,175 @@
+"""Host time to dispatch one decode step, compile time of one bucket, and greedy tokens.
+
+    python -m bench.step_overhead --json out.json [--device cpu|cuda] [--models tiny,llama-3.2-1b]
+        [--checkpoints DIR] [--compare before.json]
+
+For each model and batch (1 and 16) the engine's runner launches a pure-decode step (T = S
+rows) again and again; "dispatch" is the host time until `Runner.launch` returns (packing the
+step's inputs, the transfer and the jitted call; the device work runs asynchronously), "step"
+the time until its results are on the host. "compile" is one bucket's lower + compile with
+JAX's persistent compilation cache off. Greedy tokens of a few prompts are recorded from a
+checkpoint saved under --checkpoints on first use (random preset weights saved as a Hugging
+Face checkpoint), so that two versions of jvt run on the very same weights; --compare names a
+JSON of an earlier run and adds the ratios and a tokens-identical column.
+
+The script touches only what every jvt version since the pure-function model has: Engine,
+Runner.launch / _compile and the scheduler's Sequence/Entry/StepPlan, so the same file measures
+the code before and after a change (run it from a worktree of the old commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+BATCHES = (1, 16)
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+
+
+def _engine(model, device: str):
+    import jvt
+
+    return jvt.Engine(model, device=device, max_num_seqs=16, max_model_len=256,
+                      max_num_batched_tokens=16, token_buckets=(1, 16), seq_buckets=(1, 16),
+                      prefill_chunk=16, enable_prefix_sharing=False)
+
+
+def _decode_plan(engine, batch: int):
+    from jvt.scheduler import Entry, Sequence, StepPlan
+    from jvt.types import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    entries = []
+    for slot in range(batch):
+        seq = Sequence(f"bench{slot}", [1, 2, 3], greedy, seed=0)
+        seq.slot = slot
+        engine.store.reserve(slot, 4)
+        entries.append(Entry(seq, 3, [5], True, 0))
+    engine.store.apply_pending()
+    return StepPlan(entries)
+
+
+def _time_dispatch(engine, batch: int, reps: int) -> tuple[float, float]:
+    """(median dispatch seconds, median step seconds) of `reps` launches of a decode step."""
+    import jax
+
+    runner = engine.runner
+    plan = _decode_plan(engine, batch)
+    for _ in range(5):
+        jax.block_until_ready(runner.launch(plan))
+    dispatch, step = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = runner.launch(plan)
+        t1 = time.perf_counter()
+        jax.block_until_ready(out)
+        t2 = time.perf_counter()
+        dispatch.append(t1 - t0)
+        step.append(t2 - t0)
+    return statistics.median(dispatch), statistics.median(step)
+
+
+def _time_compile(engine, reps: int) -> float:
+    """Median seconds of lower + compile of the (16, 16) greedy bucket, cache off."""
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    runner, times = engine.runner, []
+    for _ in range(reps):
+        runner.compiled.pop((16, 16, True), None)
+        t0 = time.perf_counter()
+        runner._compile(16, 16, True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _greedy_tokens(name: str, checkpoints: str | None, device: str) -> list[list[int]] | None:
+    if checkpoints is None:
+        return None
+    import jvt
+    import jvt.models
+
+    path = os.path.join(checkpoints, name)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        jvt.models.save_hf_checkpoint(jvt.models.load(name), path)
+    model = jvt.models.load(path, use_cache=False)
+    engine = _engine(model, device)
+    params = jvt.SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outs = engine.generate(PROMPTS, params, use_tqdm=False)
+    engine.close()
+    return [o.token_ids for o in outs]
+
+
+def measure(name: str, device: str, reps: int, checkpoints: str | None) -> dict:
+    import jvt.models
+
+    model = jvt.models.load(name)
+    engine = _engine(model, device)
+    row = {"model": name, "compile_s": _time_compile(engine, 3 if name == "tiny" else 1)}
+    for batch in BATCHES:
+        d, s = _time_dispatch(engine, batch, reps)
+        row[f"dispatch_b{batch}_us"], row[f"step_b{batch}_ms"] = d * 1e6, s * 1e3
+    engine.close()
+    row["greedy_tokens"] = _greedy_tokens(name, checkpoints, device)
+    return row
+
+
+def _table(rows: list[dict], before: dict | None) -> str:
+    cols = ["model", "dispatch b1 us", "dispatch b16 us", "step b1 ms", "step b16 ms",
+            "compile s"]
+    if before:
+        cols += ["dispatch b1 x", "dispatch b16 x", "compile x", "tokens identical"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        vals = [r["model"], f"{r['dispatch_b1_us']:.0f}", f"{r['dispatch_b16_us']:.0f}",
+                f"{r['step_b1_ms']:.2f}", f"{r['step_b16_ms']:.2f}", f"{r['compile_s']:.2f}"]
+        b = (before or {}).get(r["model"])
+        if before and b:
+            same = (r["greedy_tokens"] == b["greedy_tokens"]
+                    if r["greedy_tokens"] is not None and b["greedy_tokens"] is not None
+                    else "not checked")
+            vals += [f"{r['dispatch_b1_us'] / b['dispatch_b1_us']:.3f}",
+                     f"{r['dispatch_b16_us'] / b['dispatch_b16_us']:.3f}",
+                     f"{r['compile_s'] / b['compile_s']:.3f}", str(same)]
+        elif before:
+            vals += ["-", "-", "-", "no earlier row"]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.step_overhead", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", required=True, help="where to write the results")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--models", default="tiny,llama-3.2-1b")
+    ap.add_argument("--reps", type=int, default=200, help="timed launches per batch")
+    ap.add_argument("--checkpoints", default=None,
+                    help="directory of saved preset checkpoints for the greedy-token check")
+    ap.add_argument("--compare", default=None, help="JSON of an earlier run (e.g. before)")
+    ap.add_argument("--label", default="", help="free text stored with the results")
+    args = ap.parse_args(argv)
+    import jax
+
+    rows = [measure(name, args.device, args.reps, args.checkpoints)
+            for name in args.models.split(",")]
+    before = None
+    if args.compare:
+        with open(args.compare) as f:
+            before = {r["model"]: r for r in json.load(f)["rows"]}
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "label": args.label,
+            "device": str(jax.devices(args.device if args.device == "cpu" else "gpu")[0]),
+            "jax": jax.__version__, "python": platform.python_version(),
+            "cores": os.cpu_count()}
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(meta)
+    print(_table(rows, before), flush=True)
+
+
+if __name__ == "__main__":
+    main()
