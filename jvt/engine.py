@@ -109,7 +109,7 @@ class Engine:
             max_model_len=cfg.max_model_len, enable_prefix_sharing=cfg.enable_prefix_sharing,
             preemption_mode=cfg.preemption_mode, swap_space_bytes=cfg.swap_space_bytes,
             wait_device=self._wait_device)
-        self.runner = Runner(self.model.params, mc, self.store, token_buckets=cfg.token_buckets,
+        self.runner = Runner(self.model.module, self.store, token_buckets=cfg.token_buckets,
                              seq_buckets=cfg.seq_buckets, device=self.device)
         self.runner.warmup()
         self._requests: dict[str, Request] = {}

@@ -1,5 +1,11 @@
 """Runner: turns a StepPlan into bucket-shaped device arrays and runs the compiled step.
 
+The model's NNX module is split once into its graphdef (static: structure, config, layer
+indices) and its weights, flattened once into a list of arrays; the jitted step is a plain
+function of that list that merges the module back inside the trace. So a step's dispatch
+flattens a list, never NNX Variables (nnx.jit or passing the Module to jax.jit costs 5-150x
+the host time per call). Weights are never donated.
+
 Every (T, S) bucket pair is compiled ahead of time by ``warmup()``, twice: with and without
 the sort that top-k/top-p sampling needs. A step pads its plan to the smallest pair that holds
 it, so sequences growing never recompile anything (the KV cache lives outside XLA). The step keeps the last sampled token of every slot on the device
@@ -15,8 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from jvt.models import llama
 from jvt.sampling import SampleResult, SamplingArrays, sample
 from jvt.scheduler import StepPlan
 from jvt.types import AttnMeta
@@ -60,15 +66,17 @@ def _from_wire(ints: jax.Array, floats: jax.Array, t: int, s: int) -> StepInputs
     return StepInputs(tokens, prev_slot, meta, keep.astype(bool), sampling)
 
 
-def _step(params, last_tokens, ints, floats, *, t, s, greedy_only, config, store_id):
+def _step(weights, last_tokens, ints, floats, *, t, s, greedy_only, graphdef, treedef,
+          store_id):
     """One engine step: returns the new last_tokens and [S, 2 + 2K] float32 results (token id
-    and top ids bit-cast), read back in one transfer."""
+    and top ids bit-cast), read back in one transfer. weights: the module's flat state."""
+    module = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
     inputs = _from_wire(ints, floats, t, s)
     prev = last_tokens[jnp.maximum(inputs.prev_slot, 0)]
     tokens = jnp.where(inputs.prev_slot >= 0, prev, inputs.tokens)
-    hidden = llama.forward(params, tokens, inputs.meta, config=config, store_id=store_id)
+    hidden = module(tokens, inputs.meta, store_id=store_id)
     last_rows = jnp.maximum(inputs.meta.seq_start[1:] - 1, 0)  # [S] each entry's last row
-    logits = llama.logits(params, hidden[last_rows], config=config)
+    logits = module.logits(hidden[last_rows])
     r = sample(logits, inputs.sampling, greedy_only=greedy_only)
     slots = last_tokens.shape[0]
     target = jnp.where(inputs.keep, inputs.meta.seq_slot, slots)  # out of range: dropped
@@ -83,17 +91,18 @@ class Runner:
     """Owns the compiled step functions, the device copy of the weights and last_tokens.
 
     Args:
-      params, config: the model (jvt.models.Model fields). store: the KV store of the model.
+      module: the model's NNX module (jvt.models.Model.module). store: its KV store.
       token_buckets, seq_buckets: the step shapes. device: the jax.Device to run on.
     """
 
-    def __init__(self, params, config, store, *, token_buckets, seq_buckets, device):
-        self.config = config
+    def __init__(self, module, store, *, token_buckets, seq_buckets, device):
         self.store = store
         self.device = device
         self.token_buckets = tuple(token_buckets)
         self.seq_buckets = tuple(seq_buckets)
-        self.params = jax.device_put(params, device)
+        self.graphdef, state = nnx.split(module)
+        weights, self.treedef = jax.tree.flatten(state)
+        self.weights = jax.device_put(weights, device)  # flat list of arrays, flattened once
         self.last_tokens = jax.device_put(np.zeros(store.slots, np.int32), device)
         self.compiled: dict[tuple[int, int, bool], object] = {}  # (T, S, greedy_only)
         self.num_compiles = 0
@@ -111,10 +120,12 @@ class Runner:
         key = (t, s, greedy_only)
         if key not in self.compiled:
             step = jax.jit(functools.partial(_step, t=t, s=s, greedy_only=greedy_only,
-                                             config=self.config, store_id=self.store.store_id),
+                                             graphdef=self.graphdef, treedef=self.treedef,
+                                             store_id=self.store.store_id),
                            donate_argnums=1)
             ints, floats = _to_wire(_pack(None, t, s))
-            self.compiled[key] = step.lower(self.params, self.last_tokens, ints, floats).compile()
+            self.compiled[key] = step.lower(self.weights, self.last_tokens, ints,
+                                            floats).compile()
             self.num_compiles += 1
         return self.compiled[key]
 
@@ -134,7 +145,7 @@ class Runner:
         greedy_only = all(e.seq.params.temperature == 0 for e in plan.entries)
         ints, floats = jax.device_put(_to_wire(_pack(plan, t, s)), self.device)
         step = self._compile(t, s, greedy_only)
-        self.last_tokens, out = step(self.params, self.last_tokens, ints, floats)
+        self.last_tokens, out = step(self.weights, self.last_tokens, ints, floats)
         return out
 
     @staticmethod

@@ -1,9 +1,11 @@
-"""Orbax cache of converted params: a checkpoint converted once is restored, not re-converted.
+"""Orbax cache of converted weights: a checkpoint converted once is restored, not re-converted.
 
-An entry lives at `<cache root>/<key>`; the key hashes the checkpoint directory's real path and
-its files' names, sizes and modification times together with the ModelConfig (which includes the dtype) and the params
-layout version, so any change to the checkpoint or the conversion gives a new entry.
-The cache root is `cache_dir`, else $JVT_CACHE_DIR, else ~/.cache/jvt.
+An entry lives at `<cache root>/<key>` and stores the NNX module's Param state as a flat dict
+("layers/3/self_attn/q_proj/kernel" -> array). The key hashes the checkpoint's real path (a
+directory or a GGUF file) and its files' names, sizes and modification times together with
+the ModelConfig (which includes the dtype) and the layout version, so any change to the
+checkpoint or the conversion gives a new entry. The cache root is `cache_dir`, else
+$JVT_CACHE_DIR, else ~/.cache/jvt.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import os
 import shutil
 
 import jax
+from flax import nnx
 
 from jvt.models.config import ModelConfig
-from jvt.models.llama import param_shapes
+from jvt.models.llama import Llama, abstract_module
 
-# Bump when the params layout or the conversion changes: old entries then stop matching.
-LAYOUT_VERSION = 2
+# Bump when the weights layout or the conversion changes: old entries then stop matching.
+# 3: the NNX module's state (2 was the pure-function params pytree).
+LAYOUT_VERSION = 3
 _KEYED_SUFFIXES = (".safetensors", ".json")
 
 log = logging.getLogger(__name__)
@@ -33,59 +37,76 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> str:
     return os.environ.get("JVT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jvt")
 
 
-def cache_key(checkpoint_dir: str | os.PathLike, config: ModelConfig) -> str:
-    """Hash of (layout version, config, the directory's real path, every weight/config file's
-    name, size, mtime): two checkpoints with identical file stats never share an entry."""
+def cache_key(checkpoint: str | os.PathLike, config: ModelConfig) -> str:
+    """Hash of (layout version, config, the checkpoint's real path, the name, size and mtime
+    of the GGUF file or of every weight/config file of the directory): two checkpoints with
+    identical file stats never share an entry."""
+    if os.path.isfile(checkpoint):
+        directory, names = os.path.dirname(checkpoint), [os.path.basename(checkpoint)]
+    else:
+        directory = checkpoint
+        names = [n for n in sorted(os.listdir(checkpoint)) if n.endswith(_KEYED_SUFFIXES)]
     files = []
-    for name in sorted(os.listdir(checkpoint_dir)):
-        if name.endswith(_KEYED_SUFFIXES):
-            st = os.stat(os.path.join(checkpoint_dir, name))
-            files.append((name, st.st_size, st.st_mtime_ns))
+    for name in names:
+        st = os.stat(os.path.join(directory, name))
+        files.append((name, st.st_size, st.st_mtime_ns))
     blob = json.dumps([LAYOUT_VERSION, repr(dataclasses.asdict(config)),
-                       os.path.realpath(checkpoint_dir), files])
+                       os.path.realpath(checkpoint), files])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def entry_path(checkpoint_dir: str | os.PathLike, config: ModelConfig,
+def entry_path(checkpoint: str | os.PathLike, config: ModelConfig,
                cache_dir: str | os.PathLike | None = None) -> str:
     """Absolute path of the cache entry for this checkpoint and config."""
-    return os.path.abspath(os.path.join(cache_root(cache_dir), cache_key(checkpoint_dir, config)))
+    return os.path.abspath(os.path.join(cache_root(cache_dir), cache_key(checkpoint, config)))
 
 
-def restore(path: str, config: ModelConfig, device: jax.Device | None = None) -> dict | None:
-    """Params from the entry at path onto device (default: the default device), or None when
-    there is no entry. An unreadable entry is deleted (and None returned) so it gets rebuilt."""
+def _flat_key(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def restore(path: str, config: ModelConfig, device: jax.Device | None = None) -> Llama | None:
+    """The module stored in the entry at path, on device (default: the first device), or None
+    when there is no entry. An unreadable entry is deleted (and None returned) so it gets
+    rebuilt."""
     if not os.path.isdir(path):
         return None
     import orbax.checkpoint as ocp
 
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                          param_shapes(config))
+    graphdef, state = nnx.split(abstract_module(config))
+    flat = list(nnx.to_flat_state(state))
+    target = {_flat_key(p): jax.ShapeDtypeStruct(v.value.shape, v.value.dtype, sharding=sharding)
+              for p, v in flat}
     restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
     try:
         with _checkpointer() as checkpointer:
-            return checkpointer.restore(
+            arrays = checkpointer.restore(
                 path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+        return nnx.merge(graphdef, nnx.from_flat_state(
+            [(p, v.replace(arrays[_flat_key(p)])) for p, v in flat]))
     except Exception as err:  # noqa: BLE001 - any failure means: rebuild the entry
-        log.warning("jvt: dropping unreadable params cache %s (%s)", path, err)
+        log.warning("jvt: dropping unreadable weights cache %s (%s)", path, err)
         shutil.rmtree(path, ignore_errors=True)
         return None
 
 
-def save(path: str, params: dict) -> None:
-    """Write params to the entry at path (orbax finalizes it atomically by a rename).
+def save(path: str, module: Llama) -> None:
+    """Write the module's weights to the entry at path (orbax finalizes it atomically by a
+    rename).
 
     A failure to cache (disk full, read-only dir, a concurrent writer) only logs a warning:
-    the caller already has its params."""
+    the caller already has its module."""
     import orbax.checkpoint as ocp
 
+    arrays = {_flat_key(p): v.value
+              for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with _checkpointer() as checkpointer:
-            checkpointer.save(path, args=ocp.args.PyTreeSave(params))
+            checkpointer.save(path, args=ocp.args.PyTreeSave(arrays))
     except Exception as err:  # noqa: BLE001 - caching is an optimisation, never fatal
-        log.warning("jvt: could not write params cache %s (%s)", path, err)
+        log.warning("jvt: could not write weights cache %s (%s)", path, err)
 
 
 def _checkpointer():

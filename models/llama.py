@@ -1,88 +1,115 @@
-"""The LLaMA-family decoder (Llama 2/3.x, Mistral, Qwen2) as pure functions of a params pytree.
+"""The LLaMA-family decoder (Llama 2/3.x, Mistral, Qwen2, SmolLM) as a Flax NNX module tree.
 
-`forward` and `logits` take the params pytree and a static `ModelConfig`, so the engine can
-`jax.jit` them with config and store_id static. Attention goes through `jvt.ops.attention`,
-which appends K/V to the native KV store and attends over the slot's cached tokens: the model
-holds no KV state of its own.
+    module = Llama(config, rngs=nnx.Rngs(0))          # random weights (presets, tests)
+    hidden = module(tokens, meta, store_id=store.store_id)   # [T, H] after the final norm
+    logits = module.logits(hidden)                    # [N, V] float32
 
-Params layout (linear weights as [in, out] kernels, the Flax convention; H = hidden_size,
-Hq/Hkv = query/KV heads, D = head_dim, I = intermediate_size, V = vocab_size):
+Attention goes through `jvt.ops.attention`, which appends K/V to the native KV store and
+attends over the slot's cached tokens: the module holds no KV state. Static values (each
+layer's index, the softmax scale, the config) are plain Python attributes, so they live in
+the graphdef; `store_id` is a static call argument. Per-step arrays are operands.
 
-    embed       [V, H]
-    layers[i]   attn_norm [H], wq [H, Hq*D], wk [H, Hkv*D], wv [H, Hkv*D],
-                bq [Hq*D], bk [Hkv*D], bv [Hkv*D]   (only when config.qkv_bias: Qwen2),
-                wo [Hq*D, H], mlp_norm [H], w_gate [H, I], w_up [H, I], w_down [I, H]
-    final_norm  [H]
-    lm_head     [H, V]   (absent when config.tie_embeddings: logits use embed)
+Every weight is an `nnx.Param` in `config.dtype` (param_dtype == dtype: bf16 weights stay
+bf16 and compute in bf16; norms and RoPE use float32 statistics inside) and carries its logical
+sharding axes (`out_sharding` metadata, inert on one device; see `logical_axes`): `embed`
+(hidden), `vocab`, `heads` (query heads x head_dim), `kv_heads`, `mlp` (intermediate).
+Linear kernels are [in, out]. Shapes (H hidden, V vocab, Hq/Hkv heads, D head_dim, I mlp):
 
-Every array has dtype config.dtype; layers is a list so that each layer's weights are separate
-buffers (no per-step slicing of a stacked array).
+    embed_tokens.embedding                      [V, H]        (vocab, embed)
+    layers[i].input_layernorm.weight            [H]           (embed,)
+    layers[i].self_attn.q_proj.kernel / .bias   [H, Hq*D]     (embed, heads) / (heads,)
+    layers[i].self_attn.k_proj, v_proj          [H, Hkv*D]    (embed, kv_heads)
+    layers[i].self_attn.o_proj.kernel           [Hq*D, H]     (heads, embed)
+    layers[i].post_attention_layernorm.weight   [H]           (embed,)
+    layers[i].mlp.gate_proj, up_proj .kernel    [H, I]        (embed, mlp)
+    layers[i].mlp.down_proj.kernel              [I, H]        (mlp, embed)
+    norm.weight                                 [H]           (embed,)
+    lm_head.kernel                              [H, V]        (embed, vocab); None when tied
+(biases only with config.qkv_bias: Qwen2.)
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jvt import ops
 from jvt.models.config import ModelConfig
 from jvt.types import AttnMeta
 
-
-def param_shapes(config: ModelConfig) -> dict:
-    """The params pytree of `config` as jax.ShapeDtypeStruct leaves (the layout above)."""
-    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
-    q, kv = config.num_heads * d, config.num_kv_heads * d
-
-    def s(*shape):
-        return jax.ShapeDtypeStruct(shape, config.jnp_dtype)
-
-    layer = {"attn_norm": s(h), "wq": s(h, q), "wk": s(h, kv), "wv": s(h, kv), "wo": s(q, h),
-             "mlp_norm": s(h), "w_gate": s(h, i), "w_up": s(h, i), "w_down": s(i, h)}
-    if config.qkv_bias:
-        layer.update(bq=s(q), bk=s(kv), bv=s(kv))
-    params = {"embed": s(config.vocab_size, h),
-              "layers": [dict(layer) for _ in range(config.num_layers)],
-              "final_norm": s(h)}
-    if not config.tie_embeddings:
-        params["lm_head"] = s(h, config.vocab_size)
-    return params
+Axes = tuple[str | None, ...]
 
 
-def init_params(config: ModelConfig, seed: int = 0) -> dict:
-    """Deterministic random params (a function of config and seed only) on the default device.
-
-    Kernels are N(0, 1/fan_in) so activations keep unit scale through every layer, and
-    embed is N(0, 1/H) so that tied-embedding logits have unit scale too: the logits of the
-    normalized final hidden state then have a standard deviation near 1 (neither uniform nor
-    one-hot). Norm weights are 1, biases N(0, 0.02^2).
-    """
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config))
-    root = jax.random.key(seed)
-    out = []
-    for index, (path, leaf) in enumerate(leaves):
-        name = path[-1].key
-        if name.endswith("norm"):
-            out.append(jnp.ones(leaf.shape, leaf.dtype))
-            continue
-        fan_in = leaf.shape[-1] if name == "embed" else leaf.shape[0]
-        std = 0.02 if name.startswith("b") else 1.0 / math.sqrt(fan_in)
-        out.append(_normal(jax.random.fold_in(root, index), leaf.shape, leaf.dtype, std))
-    return jax.tree_util.tree_unflatten(treedef, out)
+def _param(value: jax.Array, axes: Axes) -> nnx.Param:
+    # eager_sharding=False: the axes are metadata for tensor parallelism, never applied at
+    # creation (flax >= 0.12 would otherwise require a mesh in context).
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _normal(key, shape, dtype, std):
-    return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+def logical_axes(variable: nnx.Variable) -> Axes:
+    """The logical sharding axes of a weight (one name or None per dimension)."""
+    meta = variable.get_metadata()
+    axes = meta.get("out_sharding", meta.get("sharding_names", meta.get("sharding")))
+    if axes is None:
+        raise ValueError(f"variable {variable!r} has no sharding axes")
+    return tuple(axes)
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] N(0, 1/in) at random init, bias N(0, 0.02^2)."""
+
+    def __init__(self, din: int, dout: int, axes: Axes, *, use_bias: bool, dtype,
+                 rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.kernel = _param(_normal(rngs, (din, dout), 1.0 / math.sqrt(din), dtype), axes)
+        self.bias = _param(_normal(rngs, (dout,), 0.02, dtype), axes[1:]) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...])
+        return y if self.bias is None else y + self.bias[...]
+
+
+class Embed(nnx.Module):
+    """Token embedding [V, H], N(0, 1/H) at random init so that tied logits have unit scale."""
+
+    def __init__(self, vocab: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+        self.embedding = _param(_normal(rngs, (vocab, hidden), 1.0 / math.sqrt(hidden), dtype),
+                                ("vocab", "embed"))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.embedding[...][tokens]
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """Tied LM head: [N, H] -> [N, V] float32 logits."""
+        return jnp.einsum("nh,vh->nv", hidden, self.embedding[...],
+                          preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with float32 statistics; the weight multiplies after the cast back (as in HF)."""
+
+    def __init__(self, hidden: int, eps: float, *, dtype):
+        self.eps = eps
+        self.weight = _param(jnp.ones((hidden,), dtype), ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """Rotary inverse frequencies [D/2] float32, with llama3 scaling when configured
-    (the same arithmetic as transformers' _compute_llama3_parameters)."""
+    (the same arithmetic as transformers' _compute_llama3_parameters) or divided by the GGUF
+    rope_freq_factors."""
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
     inv_freq = inv_freq.astype(np.float32)
@@ -107,71 +134,140 @@ def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, 
     return jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate x [T, heads, D] by positions [T] (the half-split "rotate_half" convention of
-    Hugging Face LLaMA checkpoints), in float32, returned in x's dtype."""
-    return _rotate(x, *rope_tables(positions, inv_freq))
-
-
-def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate x [T, heads, D] by the (cos, sin) tables of `rope_tables` (the half-split
+    "rotate_half" convention of Hugging Face LLaMA checkpoints), in float32, in x's dtype."""
+    cos, sin = rope
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm with float32 statistics; the weight multiplies after the cast back (as in HF)."""
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * x32.astype(x.dtype)
+class Attention(nnx.Module):
+    """GQA self-attention of decoder layer `layer` over the KV store (jvt.ops.attention)."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        h, d, dtype = config.hidden_size, config.head_dim, config.jnp_dtype
+        bias = config.qkv_bias
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = (config.num_heads,
+                                                            config.num_kv_heads, d)
+        self.scale = d ** -0.5
+        self.q_proj = Linear(h, config.num_heads * d, ("embed", "heads"), use_bias=bias,
+                             dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(h, config.num_kv_heads * d, ("embed", "kv_heads"), use_bias=bias,
+                             dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(h, config.num_kv_heads * d, ("embed", "kv_heads"), use_bias=bias,
+                             dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(config.num_heads * d, h, ("heads", "embed"), use_bias=False,
+                             dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, meta: AttnMeta, rope, attend) -> jax.Array:
+        """x [T, H] -> [T, H]. attend(q, k, v, meta, layer=, scale=) runs the KV-store op."""
+        t, d = x.shape[0], self.head_dim
+        q = apply_rope(self.q_proj(x).reshape(t, -1, d), rope)
+        k = apply_rope(self.k_proj(x).reshape(t, -1, d), rope)
+        v = self.v_proj(x).reshape(t, -1, d)
+        out = attend(q, k, v, meta, layer=self.layer, scale=self.scale)
+        return self.o_proj(out.reshape(t, -1))
 
 
-def _attention_block(p: dict, x, meta: AttnMeta, layer: int, config: ModelConfig, store_id: int,
-                     rope: tuple[jax.Array, jax.Array]):
-    t, d = x.shape[0], config.head_dim
-    q, k, v = x @ p["wq"], x @ p["wk"], x @ p["wv"]
-    if config.qkv_bias:
-        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-    q = _rotate(q.reshape(t, config.num_heads, d), *rope)
-    k = _rotate(k.reshape(t, config.num_kv_heads, d), *rope)
-    v = v.reshape(t, config.num_kv_heads, d)
-    out = ops.attention(q, k, v, meta, store_id=store_id, layer=layer, scale=d ** -0.5)
-    return out.reshape(t, config.num_heads * d) @ p["wo"]
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        h, i, dtype = config.hidden_size, config.intermediate_size, config.jnp_dtype
+        self.gate_proj = Linear(h, i, ("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(h, i, ("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(i, h, ("mlp", "embed"), use_bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _mlp_block(p: dict, x):
-    return (jax.nn.silu(x @ p["w_gate"]) * (x @ p["w_up"])) @ p["w_down"]
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        eps, dtype = config.rms_norm_eps, config.jnp_dtype
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype)
+        self.self_attn = Attention(config, layer, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, meta: AttnMeta, rope, attend, reduce) -> jax.Array:
+        x = x + reduce(self.self_attn(self.input_layernorm(x), meta, rope, attend))
+        return x + reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
-def forward(params: dict, tokens: jax.Array, meta: AttnMeta, *, config: ModelConfig,
-            store_id: int) -> jax.Array:
-    """Run the decoder over one packed step.
-
-    Args:
-      params: the pytree of `param_shapes(config)`.
-      tokens: [T] int32 token ids of the step's rows (padding rows: any valid id).
-      meta: the step's AttnMeta (positions drive RoPE; the rest drives the KV store).
-      config: static model config.
-      store_id: static id of the KV store holding this model's cache
-        (layers=num_layers, kv_heads=num_kv_heads, head_dim=head_dim, dtype=config.dtype).
-
-    Returns:
-      hidden: [T, hidden_size] in config.dtype, after the final RMSNorm.
-    """
-    if tokens.ndim != 1:
-        raise ValueError(f"tokens must be [T] int32, got shape {tokens.shape}")
-    rope = rope_tables(meta.positions, rope_inv_freq(config))  # shared by every layer
-    x = params["embed"][tokens]
-    for i, p in enumerate(params["layers"]):
-        h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-        x = x + _attention_block(p, h, meta, i, config, store_id, rope)
-        h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
-        x = x + _mlp_block(p, h)
-    return rms_norm(x, params["final_norm"], config.rms_norm_eps)
+def _store_attention(store_id: int):
+    def attend(q, k, v, meta, *, layer, scale):
+        return ops.attention(q, k, v, meta, store_id=store_id, layer=layer, scale=scale)
+    return attend
 
 
-def logits(params: dict, hidden: jax.Array, *, config: ModelConfig) -> jax.Array:
-    """[N, hidden_size] final hidden states -> [N, vocab_size] float32 logits."""
-    if config.tie_embeddings:
-        return jnp.einsum("nh,vh->nv", hidden, params["embed"],
-                          preferred_element_type=jnp.float32)
-    return jnp.dot(hidden, params["lm_head"], preferred_element_type=jnp.float32)
+def _identity(x: jax.Array) -> jax.Array:
+    return x
+
+
+class Llama(nnx.Module):
+    """A LLaMA-family decoder; see the module docstring for the parameter tree."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = config.jnp_dtype
+        self.config = config
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs)
+                                for i in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if config.tie_embeddings else Linear(
+            config.hidden_size, config.vocab_size, ("embed", "vocab"), use_bias=False,
+            dtype=dtype, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, meta: AttnMeta, *, store_id: int | None = None,
+                 attend=None, reduce=_identity) -> jax.Array:
+        """Run the decoder over one packed step.
+
+        Args:
+          tokens: [T] int32 token ids of the step's rows (padding rows: any valid id).
+          meta: the step's AttnMeta (positions drive RoPE; the rest drives the KV store).
+          store_id: static id of the KV store holding this model's cache (layers=num_layers,
+            kv_heads=num_kv_heads, head_dim=head_dim, dtype=config.dtype).
+          attend, reduce: for tensor parallelism (jvt.parallel) instead of store_id: the
+            attention call and the sum over devices of the partial outputs of o_proj/down_proj.
+
+        Returns:
+          hidden: [T, hidden_size] in config.dtype, after the final RMSNorm.
+        """
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be [T] int32, got shape {tokens.shape}")
+        if attend is None:
+            if store_id is None:
+                raise ValueError("pass store_id (the KV store of this model's cache)")
+            attend = _store_attention(store_id)
+        rope = rope_tables(meta.positions, rope_inv_freq(self.config))  # shared by all layers
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, meta, rope, attend, reduce)
+        return self.norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[N, hidden_size] final hidden states -> [N, vocab_size] float32 logits."""
+        if self.lm_head is None:
+            return self.embed_tokens.attend(hidden)
+        return jnp.dot(hidden, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
+
+
+def abstract_module(config: ModelConfig) -> Llama:
+    """The module of `config` with jax.ShapeDtypeStruct leaves: nothing is allocated."""
+    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+
+
+def init_module(config: ModelConfig, seed: int = 0) -> Llama:
+    """Random weights, a function of config and seed only: kernels N(0, 1/fan_in), embedding
+    N(0, 1/H), norms 1, biases N(0, 0.02^2) (activations keep unit scale through every layer
+    and tied logits have a standard deviation near 1)."""
+    return Llama(config, rngs=nnx.Rngs(seed))
+
+
+def num_params(config: ModelConfig) -> int:
+    """Parameter count of the module of `config`."""
+    state = nnx.state(abstract_module(config), nnx.Param)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))

