@@ -1,9 +1,117 @@
-"""`python -m jvt serve`: placeholder until the server lands."""
+"""``python -m jvt serve``: the OpenAI-compatible HTTP server (docs/server.md).
+
+Builds the Engine on the engine thread (compiling its step shapes), then serves with uvicorn.
+SIGINT / SIGTERM abort every request (open streams end with finish_reason "abort"), close the
+engine (slots and chunks returned) and exit 0; a second SIGINT forces the exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+ENGINE_FLAGS = (  # flag, type, help; each given flag becomes the EngineConfig field of its name
+    ("--device", str, "cpu, cuda or cuda:N (default cpu)"),
+    ("--dtype", str, "bfloat16, float16 or float32 (default: the model's; bfloat16 on CUDA)"),
+    ("--max-num-seqs", int, "KV slots: sequences running at once"),
+    ("--max-model-len", int, "prompt + generated tokens of one sequence"),
+    ("--max-num-batched-tokens", int, "token budget of one step"),
+    ("--kv-budget-bytes", int, "physical KV memory (default: every slot at max-model-len)"),
+    ("--prefill-chunk", int, "most prompt tokens of one sequence per step"),
+    ("--token-buckets", str, "compiled token counts per step, comma-separated (e.g. 16,64)"),
+    ("--seq-buckets", str, "compiled sequence counts per step, comma-separated (e.g. 4,16)"),
+    ("--preemption-mode", str, "swap or recompute"),
+    ("--swap-space-bytes", int, "host memory for swapped-out KV"),
+    ("--seed", int, "base of the sampling seeds of requests that give none"),
+    ("--xla-mem-fraction", float, "CUDA: XLA's memory pool fraction"),
+)
+QUEUE_PER_SLOT = 8  # default --max-queue: this many waiting requests per KV slot
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="tiny")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serve subcommand's flags: server options, then the engine's."""
+    parser.add_argument("--model", default="tiny",
+                        help="preset name or checkpoint path (default tiny: random weights)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="model name(s) requests may use (default: the --model argument)")
+    parser.add_argument("--api-key", default=os.environ.get("JVT_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $JVT_API_KEY)")
+    parser.add_argument("--max-queue", type=int, default=None,
+                        help="unfinished requests allowed beyond --max-num-seqs before 503 "
+                             f"(default {QUEUE_PER_SLOT} x max-num-seqs)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug"])
+    engine = parser.add_argument_group("engine (jvt.EngineConfig; default: the engine's)")
+    for flag, kind, help_text in ENGINE_FLAGS:
+        engine.add_argument(flag, type=kind, default=None, help=help_text)
+    engine.add_argument("--enable-prefix-sharing", action=argparse.BooleanOptionalAction,
+                        default=None, help="share the KV of common prompt prefixes")
+    engine.add_argument("--tensor-parallel", type=int, default=1,
+                        help="devices to split the model over")
 
 
-def run(args) -> int:
-    raise SystemExit("jvt serve is not implemented yet")
+def engine_options(args: argparse.Namespace) -> dict:
+    """Engine keyword arguments from the flags that were given."""
+    opts = {}
+    for flag, _, _ in ENGINE_FLAGS:
+        name = flag[2:].replace("-", "_")
+        value = getattr(args, name)
+        if value is not None:
+            opts[name] = tuple(int(v) for v in value.split(",")) if name.endswith(
+                "_buckets") else value
+    if args.enable_prefix_sharing is not None:
+        opts["enable_prefix_sharing"] = args.enable_prefix_sharing
+    if args.tensor_parallel != 1:
+        opts["tensor_parallel"] = args.tensor_parallel
+    if opts.get("device", "cpu") != "cpu":
+        opts.setdefault("dtype", "bfloat16")
+    return opts
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM; 0 after a clean shutdown, 2 for bad options."""
+    import jvt
+    from jvt.config import make_config
+    from jvt.server.api_server import create_app, serve
+    from jvt.server.bridge import EngineBridge
+    from jvt.server.metrics import ServerMetrics
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        opts = engine_options(args)
+        config = make_config(**opts)
+        max_queue = args.max_queue if args.max_queue is not None else \
+            QUEUE_PER_SLOT * config.max_num_seqs
+        if max_queue < 0:
+            raise ValueError(f"--max-queue must be >= 0, got {max_queue}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    names = args.served_model_name or [args.model]
+    bridge = None
+    metrics = ServerMetrics(names[0], lambda: bridge.stats)
+    bridge = EngineBridge(lambda: jvt.Engine(args.model, **opts),
+                          max_pending=config.max_num_seqs + max_queue, on_finish=metrics.observe)
+    t0 = time.perf_counter()
+    try:
+        bridge.start()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger("jvt.server").info(
+        "engine ready in %.1f s (%s, max_model_len %d, %d slots, queue %d)",
+        time.perf_counter() - t0, args.model, config.max_model_len, config.max_num_seqs,
+        max_queue)
+    app = create_app(bridge, served_names=names, root=args.model, metrics=metrics,
+                     api_key=args.api_key)
+    try:
+        serve(app, bridge, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        bridge.stop()
+    return 0
+

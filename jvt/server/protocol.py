@@ -1,0 +1,259 @@
+"""The OpenAI wire format: pydantic request and response models (vLLM's ``protocol.py``).
+
+This module is the only place where field names and defaults live. Requests are validated
+strictly (no string-to-number coercion); unknown fields are ignored, as OpenAI clients send
+fields this server does not implement (``user``, ``presence_penalty``, ...). Ranges that the
+engine checks itself (temperature, top_p, seed, ...) are checked by ``jvt.SamplingParams``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from jvt.types import MAX_LOGPROBS, SamplingParams
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default for both endpoints
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False  # a last chunk with "choices": [] and the request's usage
+
+
+class _SamplingRequest(_Request):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = None  # None: the served model
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 and 0 disable it
+    min_p: float | None = None
+    n: int = Field(1, ge=1)  # independent choices of one prompt (seed + i when seeded)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _sampling_params(self, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
+        """One SamplingParams per choice (ValueError from SamplingParams for bad ranges)."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        base = {
+            "temperature": DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
+            "top_k": 0 if self.top_k in (None, -1) else self.top_k,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "min_p": 0.0 if self.min_p is None else self.min_p,
+            "max_tokens": max_tokens, "stop": stop,
+            "stop_token_ids": tuple(self.stop_token_ids or ()), "ignore_eos": self.ignore_eos,
+            "logprobs": logprobs}
+        if self.seed is None:
+            return [SamplingParams(**base)] * self.n
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"SamplingParams.seed must be in [0, {2**32 - 1}], got {self.seed}")
+        return [SamplingParams(**base, seed=(self.seed + i) % 2**32) for i in range(self.n)]
+
+
+PromptIds = list[int]
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | PromptIds | list[PromptIds]
+    max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS  # null: up to max_model_len
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top alternatives per token
+    echo: bool = False  # prepend the prompt to the returned text
+
+    @model_validator(mode="after")
+    def _echo_without_logprobs(self):
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported (no prompt logprobs)")
+        return self
+
+    def prompts(self) -> list[str | PromptIds]:
+        """The prompts as a list (each a string or token ids)."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+    def sampling_params(self, max_model_len: int) -> list[SamplingParams]:
+        max_tokens = max_model_len if self.max_tokens is None else self.max_tokens
+        return self._sampling_params(max_tokens, self.logprobs)
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart] | None = None  # parts are joined with newlines (vLLM)
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None  # preferred over the deprecated max_tokens
+    max_tokens: int | None = None  # neither: what is left of max_model_len
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    def sampling_params(self, max_model_len: int) -> list[SamplingParams]:
+        max_tokens = next((m for m in (self.max_completion_tokens, self.max_tokens)
+                           if m is not None), max_model_len)
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, logprobs)
+
+
+# -- responses ---------------------------------------------------------------------------
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _omitted_if_none(default=None):
+    """A field left out of the JSON when None (stream deltas, usage of streamed chunks)."""
+    return Field(default, exclude_if=lambda v: v is None)
+
+
+class UsageInfo(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogProbs(_Response):
+    """The legacy completions logprobs: parallel lists, one entry per generated token."""
+
+    text_offset: list[int]  # where each token's text starts in the choice's text
+    token_logprobs: list[float]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float]]  # the chosen token and the top alternatives
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None  # "stop", "length", or "abort" (server shutdown)
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = _omitted_if_none()  # chunks: only the include_usage one has it
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int]  # UTF-8 bytes of token
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    content: list[TokenLogprob]
+
+
+class ChatResponseMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChatDelta(_Response):
+    role: Literal["assistant"] | None = _omitted_if_none()
+    content: str | None = _omitted_if_none()
+
+
+class ChatStreamChoice(_Response):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = _omitted_if_none()
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "jvt"
+    root: str  # what --model named: a preset, a checkpoint path
+    parent: str | None = None
+    max_model_len: int
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(_Response):
+    message: str
+    type: str  # "invalid_request_error", "authentication_error", "server_error"
+    param: str | None = None  # the request field at fault, when known
+    code: int  # the HTTP status
+
+
+class ErrorResponse(_Response):
+    error: ErrorInfo

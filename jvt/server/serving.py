@@ -1,0 +1,189 @@
+"""What both endpoints share: model check, submission to the engine thread, waiting for the
+outputs (aborting when the client goes away) and server-sent events.
+
+``serving_completion`` and ``serving_chat`` turn a request into prompts and SamplingParams,
+``submit`` them here, and shape the Updates into a response or SSE chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from jvt.server.bridge import (
+    EngineBridge,
+    EngineDeadError,
+    InvalidRequestError,
+    QueueFullError,
+    Submission,
+    Update,
+)
+from jvt.server.errors import APIError, error_body
+from jvt.server.protocol import UsageInfo
+from jvt.types import RequestOutput, SamplingParams
+
+RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
+LOGPROB_FLOOR = -9999.0  # stands for -inf, which JSON cannot carry (vLLM's choice)
+
+
+class Generation:
+    """The engine requests of one HTTP request: iterate its Updates or collect its outputs.
+
+    Leaving either early (exception, cancellation) aborts the requests still running.
+    """
+
+    def __init__(self, bridge: EngineBridge, sub: Submission):
+        self.bridge = bridge
+        self.sub = sub
+        self.open = len(sub.items)  # choices whose last update has not arrived
+
+    async def updates(self) -> AsyncIterator[Update]:
+        """Updates in arrival order until every choice has finished (EngineDeadError if the
+        engine dies meanwhile)."""
+        try:
+            while self.open:
+                item = await self.sub.updates.get()
+                if isinstance(item, EngineDeadError):
+                    self.open = 0
+                    raise item
+                if item.output is not None:
+                    self.open -= 1
+                yield item
+        finally:
+            self.abort()
+
+    async def outputs(self, raw: Request) -> list[RequestOutput] | None:
+        """Every choice's RequestOutput in choice order; None if the client disconnected first
+        (then the requests are aborted)."""
+        async def collect():
+            outs: list[RequestOutput | None] = [None] * self.open
+            async for u in self.updates():
+                if u.output is not None:
+                    outs[u.index] = u.output
+            return outs
+
+        task = asyncio.ensure_future(collect())
+        gone = asyncio.ensure_future(_disconnected(raw))
+        try:
+            await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                return None
+            try:
+                return task.result()
+            except EngineDeadError as e:
+                raise APIError(500, str(e)) from None
+        finally:
+            gone.cancel()
+            task.cancel()
+            self.abort()
+
+    def abort(self) -> None:
+        if self.open:
+            self.open = 0
+            self.bridge.abort(self.sub)
+
+
+async def _disconnected(raw: Request) -> None:
+    """Return when the client closes the connection (the body has been read already)."""
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ServingContext:
+    """The server's view of its engine: names, limits, and submission of requests.
+
+    served_names: the model names requests may use (the first one is reported back).
+    root: what --model named.
+    """
+
+    def __init__(self, bridge: EngineBridge, served_names: list[str], root: str):
+        self.bridge = bridge
+        self.served_names = served_names
+        self.root = root
+
+    @property
+    def tokenizer(self):
+        return self.bridge.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.bridge.config.max_model_len
+
+    def model_name(self, requested: str | None) -> str:
+        """The name to answer with; 404 for a model this server does not serve."""
+        if requested is None:
+            return self.served_names[0]
+        if requested not in self.served_names:
+            raise APIError(404, f"The model `{requested}` does not exist; this server serves "
+                                f"{self.served_names}.", "model")
+        return requested
+
+    async def submit(self, items: list[tuple[str | list[int], SamplingParams]], param: str,
+                     item_name=None) -> Generation:
+        """Queue ``items`` in the engine; the Generation once the engine has accepted all.
+
+        Errors: 400 when the engine rejects an item (``param`` names the field;
+        ``item_name(i)`` the item in the message), 400 for more items than the server ever
+        holds, 503 (Retry-After) when the queue is full, 500 when the engine is dead.
+        """
+        limit = self.bridge.max_pending
+        if len(items) > limit:
+            raise APIError(400, f"the request asks for {len(items)} completions (prompts x n); "
+                                f"this server holds at most {limit} requests", "n")
+        try:
+            sub = self.bridge.submit(items)
+        except QueueFullError as e:
+            raise APIError(503, f"server busy: {e}; retry later", None,
+                           {"Retry-After": str(RETRY_AFTER_S)}) from None
+        except EngineDeadError as e:
+            raise APIError(500, str(e)) from None
+        try:
+            await asyncio.wrap_future(sub.accepted)
+        except InvalidRequestError as e:
+            where = f"{item_name(e.index)}: " if item_name and len(items) > 1 else ""
+            raise APIError(400, where + str(e), param) from None
+        except EngineDeadError as e:
+            raise APIError(500, str(e)) from None
+        except asyncio.CancelledError:
+            self.bridge.abort(sub)
+            raise
+        return Generation(self.bridge, sub)
+
+
+def sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(e: Exception) -> str:
+    """The in-stream error event (the stream has started: the status is already 200)."""
+    status = e.status if isinstance(e, APIError) else 500
+    return f"data: {error_body(status, str(e)).model_dump_json()}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A text/event-stream response that always closes its generator when the response ends
+    (done, client gone, or cancelled), so the generator's ``finally`` aborts its requests."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def usage(outs: list[RequestOutput], n: int) -> UsageInfo:
+    """Usage of prompts x n choices: each prompt's tokens counted once, every choice's output
+    tokens (a final EOS or stop token included)."""
+    prompt = sum(len(outs[i].prompt_token_ids) for i in range(0, len(outs), n))
+    completion = sum(len(o.token_ids) for o in outs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion)

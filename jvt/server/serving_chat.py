@@ -1,0 +1,114 @@
+"""POST /v1/chat/completions: messages -> the chat template -> n engine requests -> a chat
+completion or its SSE chunks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from jinja2 import TemplateError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from jvt.server.bridge import EngineDeadError
+from jvt.server.errors import APIError, bad_sampling_params
+from jvt.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    TokenLogprob,
+    TopLogprob,
+)
+from jvt.server.serving import (
+    LOGPROB_FLOOR,
+    SSE_DONE,
+    EventStream,
+    Generation,
+    ServingContext,
+    sse,
+    sse_error,
+    usage,
+)
+from jvt.types import Logprob, RequestOutput
+
+
+class ChatServing:
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        ctx = self.ctx
+        model = ctx.model_name(req.model)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except (ValueError, TemplateError) as e:
+            raise APIError(400, f"messages: {e}", "messages") from None
+        try:
+            params = req.sampling_params(ctx.max_model_len)
+        except ValueError as e:
+            raise bad_sampling_params(e, {"logprobs": "top_logprobs"}) from None
+        gen = await ctx.submit([(ids, sp) for sp in params], "messages")
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+        if req.stream:
+            return EventStream(self._stream(gen, head, req.n, req.include_usage))
+        outs = await gen.outputs(raw)
+        if outs is None:
+            return Response(status_code=499)  # the client has gone
+        choices = [ChatChoice(index=i, message=ChatResponseMessage(content=out.text),
+                              logprobs=self._logprobs(out.logprobs),
+                              finish_reason=out.finish_reason)
+                   for i, out in enumerate(outs)]
+        body = ChatCompletionResponse(**head, choices=choices, usage=usage(outs, req.n))
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    async def _stream(self, gen: Generation, head: dict, n: int, include_usage: bool):
+        started = [False] * n
+        outs: list[RequestOutput | None] = [None] * n
+        try:
+            async for u in gen.updates():
+                i, d = u.index, u.delta
+                if not started[i]:  # with the first token: a role chunk before prefill
+                    started[i] = True  # would make the client's TTFT lie
+                    yield self._chunk(head, ChatStreamChoice(
+                        index=i, delta=ChatDelta(role="assistant", content=""), logprobs=None,
+                        finish_reason=None))
+                lp = self._logprobs(d.logprobs)
+                if u.output is not None:
+                    outs[i] = u.output
+                if not d.text and not (lp and lp.content) and d.finish_reason is None:
+                    continue  # nothing settled yet (text held back)
+                delta = ChatDelta(content=d.text) if d.text else ChatDelta()
+                yield self._chunk(head, ChatStreamChoice(index=i, delta=delta, logprobs=lp,
+                                                         finish_reason=d.finish_reason))
+            if include_usage:
+                yield sse(ChatCompletionChunk(**head, choices=[], usage=usage(outs, n)))
+        except EngineDeadError as e:
+            yield sse_error(e)
+        yield SSE_DONE
+
+    @staticmethod
+    def _chunk(head: dict, choice: ChatStreamChoice) -> str:
+        return sse(ChatCompletionChunk(**head, choices=[choice]))
+
+    def _logprobs(self, lps: list[Logprob] | None) -> ChatLogprobs | None:
+        if lps is None:
+            return None
+        decode = self.ctx.tokenizer.decode
+
+        def top(token_id: int, logprob: float) -> TopLogprob:
+            token = decode([token_id])
+            return TopLogprob(token=token, logprob=max(logprob, LOGPROB_FLOOR),
+                              bytes=list(token.encode()))
+
+        content = []
+        for lp in lps:
+            chosen = top(lp.token_id, lp.logprob)
+            content.append(TokenLogprob(**chosen.model_dump(), top_logprobs=[
+                top(t, v) for t, v in lp.top.items()]))
+        return ChatLogprobs(content=content)

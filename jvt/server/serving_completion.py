@@ -1,0 +1,108 @@
+"""POST /v1/completions: prompts x n engine requests -> a completion or its SSE chunks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from jvt.server.bridge import EngineDeadError
+from jvt.server.errors import APIError, bad_sampling_params
+from jvt.server.protocol import (
+    CompletionChoice,
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+)
+from jvt.server.serving import (
+    LOGPROB_FLOOR,
+    SSE_DONE,
+    EventStream,
+    Generation,
+    ServingContext,
+    sse,
+    sse_error,
+    usage,
+)
+from jvt.types import Logprob, RequestOutput
+
+
+class CompletionServing:
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+
+    async def create(self, req: CompletionRequest, raw: Request) -> Response:
+        ctx = self.ctx
+        model = ctx.model_name(req.model)
+        prompts = req.prompts()
+        if not prompts:
+            raise APIError(400, "prompt is an empty list", "prompt")
+        try:
+            params = req.sampling_params(ctx.max_model_len)
+        except ValueError as e:
+            raise bad_sampling_params(e) from None
+        n = req.n
+        gen = await ctx.submit([(p, sp) for p in prompts for sp in params], "prompt",
+                               lambda i: f"prompt[{i // n}]")
+        echo = [(p if isinstance(p, str) else ctx.tokenizer.decode(p)) if req.echo else ""
+                for p in prompts]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+        if req.stream:
+            return EventStream(self._stream(gen, head, echo, n, req.include_usage))
+        outs = await gen.outputs(raw)
+        if outs is None:
+            return Response(status_code=499)  # the client has gone
+        choices = []
+        for i, out in enumerate(outs):
+            prefix = echo[i // n]
+            lp = None if out.logprobs is None else self._logprobs(out.logprobs, len(prefix))
+            choices.append(CompletionChoice(index=i, text=prefix + out.text, logprobs=lp,
+                                            finish_reason=out.finish_reason))
+        body = CompletionResponse(**head, choices=choices, usage=usage(outs, n))
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    async def _stream(self, gen: Generation, head: dict, echo: list[str], n: int,
+                      include_usage: bool):
+        count = len(echo) * n
+        offsets = [len(echo[i // n]) for i in range(count)]  # text_offset of the next token
+        started = [False] * count
+        outs: list[RequestOutput | None] = [None] * count
+        try:
+            async for u in gen.updates():
+                i, d = u.index, u.delta
+                text = d.text if started[i] else echo[i // n] + d.text
+                lp = None
+                if d.logprobs is not None:
+                    lp = self._logprobs(d.logprobs, offsets[i])
+                    offsets[i] += sum(map(len, lp.tokens))
+                if u.output is not None:
+                    outs[i] = u.output
+                if not text and not (lp and lp.tokens) and d.finish_reason is None:
+                    continue  # nothing settled yet (text held back)
+                started[i] = True
+                choice = CompletionChoice(index=i, text=text, logprobs=lp,
+                                          finish_reason=d.finish_reason)
+                yield sse(CompletionResponse(**head, choices=[choice]))
+            if include_usage:
+                yield sse(CompletionResponse(**head, choices=[], usage=usage(outs, n)))
+        except EngineDeadError as e:
+            yield sse_error(e)
+        yield SSE_DONE
+
+    def _logprobs(self, lps: list[Logprob], offset: int) -> CompletionLogProbs:
+        """The legacy shape; top_logprobs holds the chosen token too (as vLLM's)."""
+        decode = self.ctx.tokenizer.decode
+        out = CompletionLogProbs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
+        for lp in lps:
+            token = decode([lp.token_id])
+            out.text_offset.append(offset)
+            offset += len(token)
+            out.tokens.append(token)
+            out.token_logprobs.append(max(lp.logprob, LOGPROB_FLOOR))
+            top = {decode([t]): max(v, LOGPROB_FLOOR) for t, v in lp.top.items()}
+            top[token] = max(lp.logprob, LOGPROB_FLOOR)
+            out.top_logprobs.append(top)
+        return out
+
