@@ -231,12 +231,11 @@ def run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep,
     static server would be: max_len = the longest request of the run (rounded to 128)."""
     from bench.static_engine import StaticEngine
 
-    cfg = model.config
     slots, mixed_len = static_mixed_shape(plan)
     impl = None
     try:
-        impl = _static_impl(cfg, model.params, check_prompt, notes)
-        se = StaticEngine(cfg, model.params, slots=1, impl=impl,
+        impl = _static_impl(model.module, check_prompt, notes)
+        se = StaticEngine(model.module, slots=1, impl=impl,
                           max_len=round_up(CHECK_PROMPT_LEN + CHECK_TOKENS, 128))
         notes.append(check_tokens(f"static ({plan.model})", check_prompt, ref_tokens,
                                   lambda ids: se.prefill(0, ids), plan.check_tol))
@@ -253,7 +252,7 @@ def run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep,
     for b in plan.static_batches:
         se = None
         try:
-            se = StaticEngine(cfg, model.params, slots=b, max_len=sweep_len, impl=impl)
+            se = StaticEngine(model.module, slots=b, max_len=sweep_len, impl=impl)
             se.warmup([plan.prompt_len])
         except Exception as e:  # noqa: BLE001 - e.g. the max_len cache does not fit
             report.skip("e2e", f"{plan.model} static batch {b}",
@@ -263,7 +262,7 @@ def run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep,
         se = None
         gc.collect()
     try:
-        se = StaticEngine(cfg, model.params, slots=slots, max_len=mixed_len, impl=impl)
+        se = StaticEngine(model.module, slots=slots, max_len=mixed_len, impl=impl)
         log(f"e2e {plan.model} static mixed workload ({slots} slots x {mixed_len})")
         se.warmup([len(p) for _, p, _ in mixed_reqs])
         mixed.add(plan.model, f"static ({slots} slots)",
@@ -273,7 +272,7 @@ def run_static(report, plan, model, check_prompt, ref_tokens, mixed_reqs, sweep,
                     f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
 
 
-def _static_impl(cfg, params, prompt: list[int], notes: list[str]) -> str:
+def _static_impl(module, prompt: list[int], notes: list[str]) -> str:
     """The static engine's attention: its default (cuDNN on GPU) when a prefill and a decode
     step run with it, else XLA (noted in the report)."""
     from bench.static_engine import StaticEngine, default_impl
@@ -282,7 +281,7 @@ def _static_impl(cfg, params, prompt: list[int], notes: list[str]) -> str:
     if impl == "xla":
         return impl
     try:
-        StaticEngine(cfg, params, slots=2, max_len=128, impl=impl).serve([(0.0, prompt, 2)])
+        StaticEngine(module, slots=2, max_len=128, impl=impl).serve([(0.0, prompt, 2)])
         return impl
     except Exception as e:  # noqa: BLE001 - cuDNN may reject a shape or a mask
         notes.append(f"static engine: {impl} attention failed ({type(e).__name__}: "
@@ -316,7 +315,7 @@ def run_hf(report, plan, model, check_prompt, ref_tokens, sweep, notes) -> None:
     hf = None
     try:
         log(f"e2e {plan.model}: building HF LlamaForCausalLM")
-        hf = hf_baseline.build(model.config, model.params)
+        hf = hf_baseline.build(model.config, model.module)
         notes.append(check_tokens(f"HF ({plan.model})", check_prompt, ref_tokens,
                                   lambda ids: hf_baseline.score(hf, ids), plan.check_tol))
         for b in plan.hf_batches:

@@ -1,5 +1,5 @@
 """Hugging Face transformers baseline: LlamaForCausalLM (PyTorch, SDPA attention, the model's
-dtype) fed jvt's params, converted in memory (no checkpoint written), greedy `generate`.
+dtype) fed jvt's weights, converted in memory (no checkpoint written), greedy `generate`.
 
 HF `generate` runs one static batch (no continuous batching): the batch sweep times it as
 TTFT = a generate() of one new token, ITL = (full generate - TTFT) / (new tokens - 1).
@@ -12,18 +12,7 @@ import time
 import numpy as np
 
 from jvt.models.config import ModelConfig
-from jvt.models.loader import hf_config_dict
-
-_LAYER = {  # jvt params leaf -> (HF name inside model.layers.i, stored as [out, in])
-    "attn_norm": ("input_layernorm.weight", False), "mlp_norm": ("post_attention_layernorm.weight",
-                                                                 False),
-    "wq": ("self_attn.q_proj.weight", True), "wk": ("self_attn.k_proj.weight", True),
-    "wv": ("self_attn.v_proj.weight", True), "wo": ("self_attn.o_proj.weight", True),
-    "bq": ("self_attn.q_proj.bias", False), "bk": ("self_attn.k_proj.bias", False),
-    "bv": ("self_attn.v_proj.bias", False),
-    "w_gate": ("mlp.gate_proj.weight", True), "w_up": ("mlp.up_proj.weight", True),
-    "w_down": ("mlp.down_proj.weight", True),
-}
+from jvt.models.loader import hf_config_dict, module_tensors
 
 
 def torch_device() -> str:
@@ -39,27 +28,23 @@ def _to_torch(x):
     return torch.from_dlpack(x)
 
 
-def state_dict(params: dict, config: ModelConfig, device: str) -> dict:
-    """jvt params -> HF LlamaForCausalLM state dict (transposes are views, copied on load)."""
-    sd = {"model.embed_tokens.weight": _to_torch(params["embed"]),
-          "model.norm.weight": _to_torch(params["final_norm"])}
-    if not config.tie_embeddings:
-        sd["lm_head.weight"] = _to_torch(params["lm_head"]).T
-    for i, layer in enumerate(params["layers"]):
-        for leaf, x in layer.items():
-            name, transposed = _LAYER[leaf]
-            t = _to_torch(x)
-            sd[f"model.layers.{i}.{name}"] = t.T if transposed else t
+def state_dict(module, device: str) -> dict:
+    """The jvt module's weights as an HF LlamaForCausalLM state dict (transposes are views,
+    copied on load)."""
+    sd = {}
+    for name, x, transposed in module_tensors(module):
+        t = _to_torch(x)
+        sd[name] = t.T if transposed else t
     return {k: v.to(device) for k, v in sd.items()}
 
 
-def build(config: ModelConfig, params: dict):
+def build(config: ModelConfig, module):
     """An HF LlamaForCausalLM in config.dtype on the torch device with jvt's weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if config.qkv_bias:
-        raise ValueError("the HF baseline converts Llama-architecture params only")
+        raise ValueError("the HF baseline converts Llama-architecture weights only")
     device = torch_device()
     cfg = hf_config_dict(config)
     hf_cfg = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
@@ -72,7 +57,7 @@ def build(config: ModelConfig, params: dict):
             model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
     finally:
         torch.set_default_dtype(previous)
-    missing, unexpected = model.load_state_dict(state_dict(params, config, device), strict=False)
+    missing, unexpected = model.load_state_dict(state_dict(module, device), strict=False)
     missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}")

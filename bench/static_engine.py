@@ -4,8 +4,8 @@ Every slot owns a preallocated [max_len, Hkv, D] K and V cache per layer ([slots
 D] arrays, donated through each step); attention is jax.nn.dot_product_attention (cuDNN on
 GPU, XLA elsewhere) over the whole max_len cache with a length mask; prefill (one request,
 prompt padded to a bucket: 64, 256, 1024, ... or max_len) and decode (all slots) are jitted.
-Same params pytree and the same math as jvt.models.llama; greedy sampling only. Continuous batching: an arriving
-request is prefilled into a free slot between decode steps, as JetStream inserts prefills.
+The jvt NNX module itself (same weights, same math) with this attention in place of the
+KV-store op; greedy sampling only. Continuous batching: an arriving request is prefilled into a free slot between decode steps, as JetStream inserts prefills.
 """
 
 from __future__ import annotations
@@ -17,48 +17,40 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from jvt.models import llama
 from jvt.models.config import ModelConfig
+from jvt.types import AttnMeta
 
 
 def default_impl() -> str:
     return "cudnn" if jax.default_backend() == "gpu" else "xla"
 
 
-def _qkv(p, x, positions, config: ModelConfig, inv_freq):
-    t, d = x.shape[0], config.head_dim
-    q, k, v = x @ p["wq"], x @ p["wk"], x @ p["wv"]
-    if config.qkv_bias:
-        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-    q = llama.apply_rope(q.reshape(t, config.num_heads, d), positions, inv_freq)
-    k = llama.apply_rope(k.reshape(t, config.num_kv_heads, d), positions, inv_freq)
-    return q, k, v.reshape(t, config.num_kv_heads, d)
+def _meta(positions: jax.Array) -> AttnMeta:
+    """Positions for RoPE; the other fields are unused by the static engine's attention."""
+    n = positions.shape[0]
+    zeros = jnp.zeros(n, jnp.int32)
+    return AttnMeta(positions.astype(jnp.int32), jnp.zeros(n + 1, jnp.int32), zeros, zeros)
 
 
-def _mlp(p, x):
-    return (jax.nn.silu(x @ p["w_gate"]) * (x @ p["w_up"])) @ p["w_down"]
-
-
-def _prefill(params, tokens, *, config: ModelConfig, impl: str):
+def _prefill(graphdef, treedef, weights, tokens, *, impl: str):
     """tokens [P] (one padded request) -> (logits [P, V], per-layer (k, v) [P, Hkv, D]).
 
-    Independent of the cache shape (JetStream's prefill -> insert split), so one compile per
-    prompt bucket serves every slot count."""
-    inv_freq = llama.rope_inv_freq(config)
-    positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    eps, scale = config.rms_norm_eps, config.head_dim ** -0.5
-    x = params["embed"][tokens]
+    The jvt module itself runs, with dense causal attention over the prompt in place of the
+    KV-store op. Independent of the cache shape (JetStream's prefill -> insert split), so one
+    compile per prompt bucket serves every slot count."""
+    module = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
     kvs = []
-    for p in params["layers"]:
-        q, k, v = _qkv(p, llama.rms_norm(x, p["attn_norm"], eps), positions, config, inv_freq)
-        a = jax.nn.dot_product_attention(q[None], k[None], v[None], scale=scale, is_causal=True,
-                                         implementation=impl)[0]
-        x = x + a.reshape(x.shape[0], -1) @ p["wo"]
-        x = x + _mlp(p, llama.rms_norm(x, p["mlp_norm"], eps))
+
+    def attend(q, k, v, meta, *, layer, scale):
         kvs.append((k, v))
-    hidden = llama.rms_norm(x, params["final_norm"], eps)
-    return llama.logits(params, hidden, config=config), kvs
+        return jax.nn.dot_product_attention(q[None], k[None], v[None], scale=scale,
+                                            is_causal=True, implementation=impl)[0]
+
+    positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+    hidden = module(tokens, _meta(positions), attend=attend)
+    return module.logits(hidden), kvs
 
 
 def _insert(cache, kvs, slot):
@@ -69,33 +61,31 @@ def _insert(cache, kvs, slot):
             for (ck, cv), (k, v) in zip(cache, kvs)]
 
 
-def _decode(params, cache, tokens, lengths, *, config: ModelConfig, impl: str):
+def _decode(graphdef, treedef, weights, cache, tokens, lengths, *, impl: str):
     """One token per slot at position lengths[s]; returns (greedy next tokens [S], cache)."""
-    inv_freq = llama.rope_inv_freq(config)
-    eps, scale = config.rms_norm_eps, config.head_dim ** -0.5
+    module = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
     slots = jnp.arange(tokens.shape[0])
-    x = params["embed"][tokens]
-    new_cache = []
-    for p, (ck, cv) in zip(params["layers"], cache):
-        q, k, v = _qkv(p, llama.rms_norm(x, p["attn_norm"], eps), lengths, config, inv_freq)
+    new_cache = list(cache)
+
+    def attend(q, k, v, meta, *, layer, scale):
+        ck, cv = cache[layer]
         ck, cv = ck.at[slots, lengths].set(k), cv.at[slots, lengths].set(v)
-        a = jax.nn.dot_product_attention(q[:, None], ck, cv, scale=scale,
-                                         key_value_seq_lengths=lengths + 1,
-                                         implementation=impl)[:, 0]
-        x = x + a.reshape(x.shape[0], -1) @ p["wo"]
-        x = x + _mlp(p, llama.rms_norm(x, p["mlp_norm"], eps))
-        new_cache.append((ck, cv))
-    hidden = llama.rms_norm(x, params["final_norm"], eps)
-    nxt = jnp.argmax(llama.logits(params, hidden, config=config), axis=-1).astype(jnp.int32)
+        new_cache[layer] = (ck, cv)
+        return jax.nn.dot_product_attention(q[:, None], ck, cv, scale=scale,
+                                            key_value_seq_lengths=lengths + 1,
+                                            implementation=impl)[:, 0]
+
+    hidden = module(tokens, _meta(lengths), attend=attend)
+    nxt = jnp.argmax(module.logits(hidden), axis=-1).astype(jnp.int32)
     return nxt, new_cache
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted(config: ModelConfig, impl: str):
+def _jitted(graphdef, treedef, impl: str):
     """(prefill, insert, decode) jitted once per model, shared by engines of any slot count."""
-    kw = {"config": config, "impl": impl}
-    return (jax.jit(functools.partial(_prefill, **kw)), jax.jit(_insert, donate_argnums=0),
-            jax.jit(functools.partial(_decode, **kw), donate_argnums=1))
+    return (jax.jit(functools.partial(_prefill, graphdef, treedef, impl=impl)),
+            jax.jit(_insert, donate_argnums=0),
+            jax.jit(functools.partial(_decode, graphdef, treedef, impl=impl), donate_argnums=1))
 
 
 @dataclasses.dataclass
@@ -110,16 +100,18 @@ class Served:
 class StaticEngine:
     """Greedy generation with a preallocated [slots, max_len] KV cache per layer."""
 
-    def __init__(self, config: ModelConfig, params, *, slots: int, max_len: int,
-                 impl: str | None = None):
+    def __init__(self, module, *, slots: int, max_len: int, impl: str | None = None):
         if slots < 1 or max_len < 64:
             raise ValueError(f"need slots >= 1 and max_len >= 64, got {slots}, {max_len}")
-        self.config, self.params, self.slots, self.max_len = config, params, slots, max_len
+        config: ModelConfig = module.config
+        self.config, self.slots, self.max_len = config, slots, max_len
+        graphdef, state = nnx.split(module)
+        self.weights, treedef = jax.tree.flatten(state)  # flattened once, as jvt's runner does
         self.impl = impl or default_impl()
         shape = (slots, max_len, config.num_kv_heads, config.head_dim)
         self.cache = [(jnp.zeros(shape, config.jnp_dtype), jnp.zeros(shape, config.jnp_dtype))
                       for _ in range(config.num_layers)]
-        self._prefill, self._insert, self._decode = _jitted(config, self.impl)
+        self._prefill, self._insert, self._decode = _jitted(graphdef, treedef, self.impl)
 
     @property
     def cache_bytes(self) -> int:
@@ -134,13 +126,13 @@ class StaticEngine:
         """Fill `slot` with the prompt; returns logits [bucket, V] (row len-1 is the next)."""
         ids = np.zeros(self.bucket(len(prompt)), np.int32)
         ids[:len(prompt)] = prompt
-        logits, kvs = self._prefill(self.params, jnp.asarray(ids))
+        logits, kvs = self._prefill(self.weights, jnp.asarray(ids))
         self.cache = self._insert(self.cache, kvs, np.int32(slot))
         return logits
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """tokens, lengths: int32 [slots]; returns the next greedy token of every slot."""
-        nxt, self.cache = self._decode(self.params, self.cache, jnp.asarray(tokens),
+        nxt, self.cache = self._decode(self.weights, self.cache, jnp.asarray(tokens),
                                        jnp.asarray(lengths))
         return np.asarray(nxt)
 

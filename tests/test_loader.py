@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
 import transformers
+from flax import nnx
 from hf_fixtures import FAMILIES, build_hf_model, save_hf_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -30,7 +29,7 @@ from jvt.models import (
     preset_config,
     save_hf_checkpoint,
 )
-from jvt.models.llama import param_shapes
+from jvt.models.llama import num_params
 
 SMALL = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
@@ -40,9 +39,12 @@ def _hf_dict(cls=transformers.LlamaConfig, **kwargs) -> dict:
     return cls(**{**SMALL, **kwargs}).to_dict()
 
 
-def _equal_trees(a, b) -> bool:
-    same = jax.tree.map(lambda x, y: x.dtype == y.dtype and bool(jnp.array_equal(x, y)), a, b)
-    return jax.tree.structure(a) == jax.tree.structure(b) and all(jax.tree.leaves(same))
+def _equal_modules(a, b) -> bool:
+    """Same weight paths, dtypes and bits."""
+    fa, fb = (dict(nnx.to_flat_state(nnx.state(m.module, nnx.Param))) for m in (a, b))
+    return fa.keys() == fb.keys() and all(
+        fa[k].get_value().dtype == fb[k].get_value().dtype
+        and bool(jnp.array_equal(fa[k].get_value(), fb[k].get_value())) for k in fa)
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -126,14 +128,13 @@ def test_config_is_hashable_for_jit():
 
 @pytest.mark.parametrize("name, billions", [("llama-3.2-1b", 1.236), ("llama-3-8b", 8.030)])
 def test_preset_shapes_are_the_real_models(name, billions):
-    count = sum(math.prod(s.shape) for s in jax.tree.leaves(param_shapes(preset_config(name))))
-    assert abs(count / 1e9 - billions) < 0.001
+    assert abs(num_params(preset_config(name)) / 1e9 - billions) < 0.001
 
 
 def test_unknown_model_names_the_presets():
     with pytest.raises(ValueError, match="tiny, llama-3.2-1b, llama-3-8b"):
         preset_config("llama-4")
-    with pytest.raises(ValueError, match="neither a preset"):
+    with pytest.raises(ValueError, match="neither a preset.*smollm2-135m"):
         load("no/such/dir")
     assert set(PRESETS) == {"tiny", "llama-3.2-1b", "llama-3-8b"}
 
@@ -145,7 +146,7 @@ def test_save_hf_checkpoint_round_trip_sharded(dtype, tmp_path):
     assert os.path.isfile(tmp_path / loader.INDEX_FILE)
     back = load(str(tmp_path), use_cache=False)
     assert back.config == model.config
-    assert _equal_trees(back.params, model.params)
+    assert _equal_modules(back, model)
     assert back.tokenizer.eos_ids == model.tokenizer.eos_ids
 
 
@@ -167,10 +168,11 @@ def test_sharded_checkpoint_equals_single_file(hf_dirs):
     shards = [f for f in os.listdir(sharded) if f.endswith(".safetensors")]
     assert len(shards) > 2 and os.path.isfile(sharded / loader.INDEX_FILE)
     a, b = load(str(single), use_cache=False), load(str(sharded), use_cache=False)
-    assert a.config == b.config and _equal_trees(a.params, b.params)
+    assert a.config == b.config and _equal_modules(a, b)
     # Stored transposed ([in, out]) relative to torch's Linear [out, in].
     ref = safetensors.torch.load_file(single / "model.safetensors")
-    np.testing.assert_array_equal(np.asarray(a.params["layers"][1]["wk"]),
+    kernel = a.module.layers[1].self_attn.k_proj.kernel.get_value()
+    np.testing.assert_array_equal(np.asarray(kernel),
                                   ref["model.layers.1.self_attn.k_proj.weight"].numpy().T)
 
 
@@ -183,14 +185,14 @@ def test_orbax_cache_round_trip_is_bit_identical(hf_dirs, tmp_path, monkeypatch)
     def no_conversion(*args, **kwargs):
         raise AssertionError("the second load must come from the cache")
 
-    monkeypatch.setattr(loader, "load_hf_params", no_conversion)
+    monkeypatch.setattr(loader, "module_from_tensors", no_conversion)
     second = load(str(single), cache_dir=tmp_path)
-    assert _equal_trees(first.params, second.params)
+    assert _equal_modules(first, second)
     assert second.config == first.config
     monkeypatch.undo()
     half = load(str(single), cache_dir=tmp_path, dtype="bfloat16")  # another dtype: new entry
     assert len(os.listdir(tmp_path)) == 2
-    assert half.params["embed"].dtype == jnp.bfloat16
+    assert half.module.embed_tokens.embedding.get_value().dtype == jnp.bfloat16
 
 
 def test_cache_key_follows_the_checkpoint_files(hf_dirs, tmp_path):
@@ -223,9 +225,9 @@ def test_corrupt_cache_entry_is_rebuilt(hf_dirs, tmp_path):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     (tmp_path / entry / "garbage").write_text("not a checkpoint")
     second = load(str(single), cache_dir=tmp_path)
-    assert _equal_trees(first.params, second.params)
+    assert _equal_modules(first, second)
     third = load(str(single), cache_dir=tmp_path)  # from the rebuilt entry
-    assert _equal_trees(first.params, third.params)
+    assert _equal_modules(first, third)
 
 
 def _edited_copy(src, dst, edit):

@@ -1,5 +1,7 @@
-"""The LLaMA-family model against Hugging Face transformers (PyTorch, fp32) on tiny random
-checkpoints of each family, through the real KV store and jvt_attention op on the CPU."""
+"""The LLaMA-family NNX model against Hugging Face transformers (PyTorch, fp32) on tiny random
+checkpoints of each family, through the real KV store and jvt_attention op on the CPU; the
+module's structure (Params, dtypes, sharding axes, parameter counts); the module called
+directly against the engine."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from hf_fixtures import FAMILIES, VOCAB, build_hf_model, hf_logits, save_hf_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,10 +27,10 @@ from jvt.types import AttnMeta
 FP32_TOL = 1e-4  # max |ours - ref| / max |ref| against the transformers fp32 forward
 
 
-@functools.partial(jax.jit, static_argnames=("config", "store_id"))
-def _step_logits(params, tokens, meta, *, config, store_id):
-    hidden = llama.forward(params, tokens, meta, config=config, store_id=store_id)
-    return llama.logits(params, hidden, config=config)
+@functools.partial(jax.jit, static_argnames=("graphdef", "store_id"))
+def _step_logits(graphdef, state, tokens, meta, *, store_id):
+    module = nnx.merge(graphdef, state)
+    return module.logits(module(tokens, meta, store_id=store_id))
 
 
 def _store(config, slots=3, max_tokens=128):
@@ -52,8 +55,9 @@ def run_step(model, store, seqs, pad=0):
     tokens += [0] * pad
     positions += [0] * pad
     meta = AttnMeta(*(jnp.asarray(x, jnp.int32) for x in (positions, starts, slots, lens)))
-    out = np.asarray(_step_logits(model.params, jnp.asarray(tokens, jnp.int32), meta,
-                                  config=model.config, store_id=store.store_id))
+    graphdef, state = nnx.split(model.module)
+    out = np.asarray(_step_logits(graphdef, state, jnp.asarray(tokens, jnp.int32), meta,
+                                  store_id=store.store_id))
     store.check()
     return [out[a:b] for a, b in itertools.pairwise(starts)], out[starts[-1]:]
 
@@ -177,9 +181,10 @@ def test_tiny_preset_smoke():
     """Deterministic random weights, non-degenerate logits, greedy decoding through the store."""
     model = load("tiny")
     again, other = load("tiny"), load("tiny", seed=1)
-    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), model.params, again.params)
-    assert all(jax.tree.leaves(same))
-    assert not jnp.array_equal(model.params["embed"], other.params["embed"])
+    weights = [jax.tree.leaves(nnx.state(m.module, nnx.Param)) for m in (model, again, other)]
+    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(weights[0], weights[1]))
+    assert not any(bool(jnp.array_equal(a, b)) for a, b in zip(weights[0], weights[2])
+                   if a.ndim == 2)
     assert model.config.vocab_size == model.tokenizer.vocab_size
     prompt = model.tokenizer.encode("The quick brown fox", add_bos=True)
     with _store(model.config, slots=1) as store:
@@ -195,7 +200,7 @@ def test_tiny_preset_smoke():
 
 def test_tiny_preset_bfloat16_close_to_float32():
     ref_model, model = load("tiny"), load("tiny", dtype="bfloat16")
-    assert model.params["embed"].dtype == jnp.bfloat16
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model.module))} == {jnp.dtype("bfloat16")}
     toks = _tokens(13, 7)
     toks = [t % ref_model.config.vocab_size for t in toks]
     with _store(ref_model.config) as store:
@@ -215,3 +220,106 @@ def test_rope_frequencies_match_transformers(preset):
     rotary = LlamaRotaryEmbedding(transformers.LlamaConfig(**hf_config_dict(config)))
     assert rotary.attention_scaling == 1.0
     np.testing.assert_allclose(llama.rope_inv_freq(config), rotary.inv_freq.numpy(), rtol=1e-6)
+
+
+# ---- the NNX module --------------------------------------------------------------------------
+
+AXES = {"embed", "vocab", "heads", "kv_heads", "mlp"}
+QWEN_LIKE = jvt.models.ModelConfig(
+    vocab_size=301, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,
+    num_kv_heads=2, head_dim=8, qkv_bias=True, dtype="bfloat16")
+
+
+def _expected_count(c) -> int:
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    layer = 2 * c.hidden_size + c.hidden_size * (q + 2 * kv) + q * c.hidden_size \
+        + 3 * c.hidden_size * c.intermediate_size + (q + 2 * kv if c.qkv_bias else 0)
+    head = 0 if c.tie_embeddings else c.hidden_size * c.vocab_size
+    return c.vocab_size * c.hidden_size + c.num_layers * layer + c.hidden_size + head
+
+
+@pytest.mark.parametrize("config", [preset_config("tiny"), QWEN_LIKE,
+                                    preset_config("llama-3.2-1b"), preset_config("llama-3-8b")],
+                         ids=["tiny", "qwen-like", "llama-3.2-1b", "llama-3-8b"])
+def test_module_params_dtypes_and_sharding_axes(config):
+    """Every weight is an nnx.Param of config.dtype with one logical axis per dimension; the
+    parameter count is the architecture's. (Large presets are checked abstractly.)"""
+    module = llama.abstract_module(config) if config.num_layers > 4 else \
+        llama.init_module(config)
+    assert isinstance(module, nnx.Module) and isinstance(module.layers, nnx.List)
+    everything = nnx.to_flat_state(nnx.state(module))
+    params = nnx.to_flat_state(nnx.state(module, nnx.Param))
+    assert len(everything) == len(params)  # no array outside an nnx.Param
+    for path, var in params:
+        value = var.get_value()
+        assert value.dtype == config.jnp_dtype, path
+        axes = llama.logical_axes(var)
+        assert len(axes) == len(value.shape) and set(axes) <= AXES, (path, axes)
+    assert llama.num_params(config) == _expected_count(config)
+    assert (module.lm_head is None) == config.tie_embeddings
+    assert [layer.self_attn.layer for layer in module.layers] == list(range(config.num_layers))
+
+
+def _dense_causal(q, k, v, meta, *, layer, scale):
+    """Attention of one sequence over this step's own K/V (an explicit KV array, no store)."""
+    t, hkv, d = k.shape
+    cache = jnp.zeros((1, t, hkv, d), k.dtype)
+    out, _, _ = jvt.ops.reference_step(q, k, v, cache, cache, meta, scale=scale)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _full_forward_logprobs(graphdef, state, tokens):
+    module = nnx.merge(graphdef, state)
+    n = tokens.shape[0]
+    meta = AttnMeta(jnp.arange(n, dtype=jnp.int32), jnp.array([0, n], jnp.int32),
+                    jnp.zeros(1, jnp.int32), jnp.array([n], jnp.int32))
+    return jax.nn.log_softmax(module.logits(module(tokens, meta, attend=_dense_causal)), -1)
+
+
+def test_engine_decoding_equals_one_full_forward_of_the_module():
+    """Chunked prefill plus step-by-step decoding through the engine and its KV store give the
+    greedy tokens and log-probabilities of one causal forward of the module over the whole
+    sequence with explicit KV arrays."""
+    model = load("tiny", seed=4)
+    engine = jvt.Engine(model, max_num_seqs=2, max_model_len=128, max_num_batched_tokens=16,
+                        token_buckets=(16,), seq_buckets=(2,), prefill_chunk=7)
+    prompt = model.tokenizer.encode("Cached decoding equals a full forward.", add_bos=True)
+    out = engine.generate([prompt], jvt.SamplingParams(temperature=0.0, max_tokens=20,
+                                                       ignore_eos=True, logprobs=3),
+                          use_tqdm=False)[0]
+    engine.close()
+    seq = prompt + out.token_ids
+    logprobs = np.asarray(_full_forward_logprobs(*nnx.split(model.module),
+                                                 jnp.asarray(seq[:-1], jnp.int32)))
+    rows = logprobs[len(prompt) - 1:]
+    assert rows.argmax(-1).tolist() == out.token_ids
+    engine_lp = np.array([lp.logprob for lp in out.logprobs])
+    np.testing.assert_allclose(engine_lp, rows[np.arange(20), out.token_ids], atol=1e-4)
+    for row, lp in zip(rows, out.logprobs):
+        top = sorted(lp.top, key=lp.top.get, reverse=True)
+        assert top == np.argsort(-row)[:3].tolist()
+
+
+def test_module_called_directly_with_a_store_gives_the_engine_logits():
+    """model.module(tokens, meta, store_id=...) over an explicit KVStore: the prompt's last
+    row has the engine's first-token log-probabilities."""
+    model = load("tiny", seed=6)
+    prompt = model.tokenizer.encode("Direct use of the module", add_bos=True)
+    engine = jvt.Engine(model, max_num_seqs=2, max_model_len=64, max_num_batched_tokens=32,
+                        token_buckets=(32,), seq_buckets=(2,))
+    first = engine.generate([prompt], jvt.SamplingParams(temperature=0.0, max_tokens=1,
+                                                         logprobs=8), use_tqdm=False)[0]
+    engine.close()
+    with _store(model.config, slots=1) as store:
+        store.reserve(0, len(prompt))
+        n = len(prompt)
+        meta = AttnMeta(jnp.arange(n, dtype=jnp.int32), jnp.array([0, n], jnp.int32),
+                        jnp.zeros(1, jnp.int32), jnp.array([n], jnp.int32))
+        hidden = model.module(jnp.asarray(prompt, jnp.int32), meta, store_id=store.store_id)
+        direct = np.asarray(jax.nn.log_softmax(model.module.logits(hidden[-1:]), -1))[0]
+        store.check()
+    lp = first.logprobs[0]
+    assert lp.token_id == int(direct.argmax()) == first.token_ids[0]
+    for token, value in lp.top.items():
+        assert abs(direct[token] - value) < 1e-4
