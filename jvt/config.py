@@ -24,15 +24,18 @@ class EngineConfig:
     """Engine limits and policies (pass them as keyword arguments to ``jvt.Engine``).
 
     max_num_seqs: KV slots, i.e. sequences resident at once (running or retained).
-    max_model_len: prompt + generated tokens of one sequence (the per-slot capacity).
+    max_model_len: prompt + generated tokens of one sequence (the per-slot capacity); None:
+      the model's max_position_embeddings, capped so that one sequence's KV fits the KV
+      budget (the rule of docs/engine.md, "Defaults from the model").
     max_num_batched_tokens: token budget of one step (decode tokens + prefill chunks).
-    kv_budget_bytes: physical KV memory the store may map; None maps at most what all slots at
-      max_model_len need.
+    kv_budget_bytes: physical KV memory the store may map; None: what all slots at max_model_len
+      need, capped at a quarter of the host's RAM for a host (CPU) store.
     device: "cpu", "cuda" or "cuda:N". dtype: activation/KV dtype (None: the model's).
     prefill_chunk: most prompt tokens of one sequence per step (chunked prefill).
     token_buckets / seq_buckets: the compiled step shapes (T packed tokens, S sequences); None
-      derives 16, 64, 256, ... up to max_num_batched_tokens and 4, 16, 64, ... up to
-      max_num_seqs.
+      derives 16, 64, 256, ... up to max_num_batched_tokens and 1, 4, 16, ... up to
+      max_num_seqs. Pure-decode steps run in (S, S) shapes (one row per sequence), steps with
+      prefill rows in (T, S(T)), S(T) the largest sequence bucket <= T (see step_shapes).
     preemption_mode: what a sequence preempted under KV pressure keeps. "swap": the KV it has
       computed is copied to host memory and back into a slot when it is re-admitted (bit-exact
       continuation; the host waits for the step in flight first). "recompute": the KV is dropped
@@ -45,10 +48,14 @@ class EngineConfig:
     seed: base of the per-request sampling seeds of requests that give none.
     xla_mem_fraction: on CUDA, XLA's memory pool fraction set before JAX initialises (the KV
       chunks live outside that pool); ignored if JAX is already initialised or the variable is set.
+    compilation_cache: keep compiled step shapes in JAX's persistent compilation cache so a
+      second start loads them instead of compiling. compilation_cache_dir: its directory
+      (None: <$JVT_CACHE_DIR or ~/.cache/jvt>/xla). The cache is process-wide in JAX: the first
+      engine of a process that enables it sets the directory.
     """
 
     max_num_seqs: int = 16
-    max_model_len: int = 2048
+    max_model_len: int | None = None
     max_num_batched_tokens: int = 512
     kv_budget_bytes: int | None = None
     device: str = "cpu"
@@ -61,10 +68,21 @@ class EngineConfig:
     enable_prefix_sharing: bool = True
     seed: int = 0
     xla_mem_fraction: float = 0.5
+    compilation_cache: bool = True
+    compilation_cache_dir: str | None = None
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk"):
             _positive_int(name, getattr(self, name))
+        if self.max_model_len is not None:
+            _positive_int("max_model_len", self.max_model_len)
+        if not isinstance(self.compilation_cache, bool):
+            raise ValueError("EngineConfig.compilation_cache must be a bool, got "
+                             f"{self.compilation_cache!r}")
+        if self.compilation_cache_dir is not None and not isinstance(
+                self.compilation_cache_dir, str):
+            raise ValueError("EngineConfig.compilation_cache_dir must be None or a path str, "
+                             f"got {self.compilation_cache_dir!r}")
         if self.kv_budget_bytes is not None:
             _positive_int("kv_budget_bytes", self.kv_budget_bytes)
         for name in ("seed", "swap_space_bytes"):
@@ -89,16 +107,36 @@ class EngineConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                 f"({self.max_num_seqs}): a step must fit one decode token of every sequence")
         tokens = self.token_buckets or _geometric_up_to(16, self.max_num_batched_tokens)
-        seqs = self.seq_buckets or _geometric_up_to(4, self.max_num_seqs)
+        seqs = self.seq_buckets or _geometric_up_to(1, self.max_num_seqs)
         object.__setattr__(self, "token_buckets", _buckets("token_buckets", tokens,
                                                            self.max_num_batched_tokens))
         object.__setattr__(self, "seq_buckets", _buckets("seq_buckets", seqs, self.max_num_seqs))
 
     @property
     def step_shapes(self) -> list[tuple[int, int]]:
-        """Every (T, S) bucket pair the runner compiles, each in a greedy-only and a sampling
-        variant (a step has at least one token per sequence, so S <= T)."""
-        return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+        """Every (T, S) shape the runner compiles, each in a greedy-only and a sampling variant.
+
+        (S, S) for every sequence bucket: pure-decode steps, one row per sequence (on a CPU,
+        compute scales with padded rows). (T, S(T)) for every token bucket T, S(T) the largest
+        sequence bucket <= T: steps with prefill rows, whose sampled rows (S) cost little next
+        to their T rows. A step of n tokens and m sequences runs in the smallest shape with
+        T >= n and S >= m (see `bucket`); the largest token bucket always has S = max_num_seqs.
+        """
+        shapes = {(s, s) for s in self.seq_buckets}
+        for t in self.token_buckets:
+            below = [s for s in self.seq_buckets if s <= t]
+            if below:
+                shapes.add((t, below[-1]))
+        return sorted(shapes)
+
+
+def bucket(shapes: list[tuple[int, int]], num_tokens: int, num_seqs: int) -> tuple[int, int]:
+    """The smallest (T, S) of sorted `shapes` with T >= num_tokens and S >= num_seqs."""
+    for t, s in shapes:
+        if t >= num_tokens and s >= num_seqs:
+            return t, s
+    raise ValueError(f"a step of {num_tokens} tokens and {num_seqs} sequences exceeds the "
+                     f"largest step shape {shapes[-1]}")
 
 
 def _positive_int(name: str, value) -> None:

@@ -7,14 +7,12 @@ checks and the next schedule run while the device computes.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
-import os
 import time
-import warnings
 from collections.abc import Iterator
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -22,6 +20,7 @@ from jvt import models
 from jvt.config import make_config
 from jvt.detokenize import IncrementalDetokenizer
 from jvt.kv import KVStore
+from jvt.platform import enable_compilation_cache, host_kv_cap, jax_device
 from jvt.runner import Runner
 from jvt.scheduler import Scheduler, Sequence, Status
 from jvt.session import Session
@@ -69,21 +68,28 @@ class Engine:
     """An LLM engine over a KV store in virtual memory.
 
     Args:
-      model: a preset name ("tiny", "llama-3.2-1b", "llama-3-8b"), a local Hugging Face
-        checkpoint directory, or a loaded ``jvt.models.Model``.
+      model: a real model name ("smollm2-135m", the default), a random-weights preset name
+        ("tiny", "llama-3.2-1b", "llama-3-8b"), a local Hugging Face checkpoint directory or
+        GGUF file, or a loaded ``jvt.models.Model``.
       **config: ``jvt.config.EngineConfig`` fields (unknown names or bad values: ValueError).
     """
 
-    def __init__(self, model: str | models.Model, **config):
-        self.config = cfg = make_config(**config)
-        self.device = _jax_device(cfg.device, cfg.xla_mem_fraction)
+    def __init__(self, model: str | models.Model = models.DEFAULT_MODEL, **config):
+        cfg = make_config(**config)
+        self.device = jax_device(cfg.device, cfg.xla_mem_fraction)
+        if cfg.compilation_cache:  # before the first compilation (loading compiles too)
+            enable_compilation_cache(cfg.compilation_cache_dir)
         if isinstance(model, models.Model):
             if cfg.dtype not in (None, model.config.dtype):
                 raise ValueError(f"dtype={cfg.dtype!r} differs from the loaded model's "
                                  f"{model.config.dtype!r}; load the model with that dtype")
             self.model = model
         elif isinstance(model, str):
-            self.model = models.load(model, dtype=cfg.dtype)
+            dtype = cfg.dtype
+            if dtype is None and cfg.device != "cpu" and \
+                    models.read_config(model).dtype == "float32":
+                dtype = "bfloat16"  # the CUDA kernels run half precision
+            self.model = models.load(model, dtype=dtype)
         else:
             raise ValueError(f"model must be a preset name, a checkpoint directory or a "
                              f"jvt.models.Model, got {type(model).__name__}")
@@ -91,15 +97,18 @@ class Engine:
         if cfg.device != "cpu" and mc.dtype == "float32":
             raise ValueError("the CUDA attention kernels support bfloat16 and float16, and this "
                              "model is float32: pass dtype='bfloat16' (or load it so)")
-        if cfg.max_model_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's "
-                             f"max_position_embeddings ({mc.max_position_embeddings})")
         self.tokenizer = self.model.tokenizer
         token_bytes = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * \
             np.dtype(mc.jnp_dtype).itemsize
         chunk = math.lcm(_GRANULARITY, token_bytes)
-        budget = cfg.kv_budget_bytes or cfg.max_num_seqs * chunk * math.ceil(
-            cfg.max_model_len * token_bytes / chunk)
+        cap = cfg.kv_budget_bytes or (host_kv_cap() if cfg.device == "cpu" else None)
+        max_len = cfg.max_model_len or _default_max_model_len(mc, token_bytes, chunk, cap)
+        if max_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_len} exceeds the model's "
+                             f"max_position_embeddings ({mc.max_position_embeddings})")
+        self.config = cfg = dataclasses.replace(cfg, max_model_len=max_len)
+        budget = cfg.max_num_seqs * chunk * math.ceil(max_len * token_bytes / chunk)
+        budget = cfg.kv_budget_bytes or (budget if cap is None else min(budget, cap))
         store_device = "cpu" if cfg.device == "cpu" else f"cuda:{self.device.id}"
         self.store = KVStore(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype,
                              cfg.max_num_seqs, cfg.max_model_len, budget, store_device)
@@ -109,8 +118,8 @@ class Engine:
             max_model_len=cfg.max_model_len, enable_prefix_sharing=cfg.enable_prefix_sharing,
             preemption_mode=cfg.preemption_mode, swap_space_bytes=cfg.swap_space_bytes,
             wait_device=self._wait_device)
-        self.runner = Runner(self.model.module, self.store, token_buckets=cfg.token_buckets,
-                             seq_buckets=cfg.seq_buckets, device=self.device)
+        self.runner = Runner(self.model.module, self.store, shapes=cfg.step_shapes,
+                             device=self.device)
         self.runner.warmup()
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -431,21 +440,14 @@ def _is_token_list(x) -> bool:
         isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
-def _jax_device(device: str, xla_mem_fraction: float) -> jax.Device:
-    if device == "cpu":
-        return jax.devices("cpu")[0]
-    from jax._src import xla_bridge
-
-    # KV chunks are mapped outside XLA's pool: keep XLA from preallocating most of the memory.
-    if not getattr(xla_bridge, "backends_are_initialized", lambda: True)():
-        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(xla_mem_fraction))
-    elif not {"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
-              "XLA_PYTHON_CLIENT_ALLOCATOR"} & os.environ.keys():
-        warnings.warn("JAX was initialised before the Engine with XLA's default pool (75% of GPU "
-                      "memory), which leaves little for the KV cache: set "
-                      "XLA_PYTHON_CLIENT_MEM_FRACTION before importing JAX", stacklevel=3)
-    index = int(device.partition(":")[2] or 0)
-    gpus = jax.devices("gpu")
-    if index >= len(gpus):
-        raise ValueError(f"device={device!r} but JAX sees {len(gpus)} GPU(s)")
-    return gpus[index]
+def _default_max_model_len(mc, token_bytes: int, chunk: int, cap: int | None) -> int:
+    """The model's context length, capped so that one sequence's KV fits `cap` bytes (whole
+    chunks), as vLLM caps max_model_len by the KV cache it can allocate."""
+    if cap is None:
+        return mc.max_position_embeddings
+    fits = (cap // chunk) * (chunk // token_bytes) if chunk % token_bytes == 0 else \
+        cap // token_bytes
+    if fits < 2:
+        raise ValueError(f"the KV budget ({cap} bytes) holds less than two tokens of this "
+                         f"model ({token_bytes} bytes each): raise kv_budget_bytes")
+    return min(mc.max_position_embeddings, fits)

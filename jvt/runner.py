@@ -6,9 +6,10 @@ function of that list that merges the module back inside the trace. So a step's 
 flattens a list, never NNX Variables (nnx.jit or passing the Module to jax.jit costs 5-150x
 the host time per call). Weights are never donated.
 
-Every (T, S) bucket pair is compiled ahead of time by ``warmup()``, twice: with and without
-the sort that top-k/top-p sampling needs. A step pads its plan to the smallest pair that holds
-it, so sequences growing never recompile anything (the KV cache lives outside XLA). The step keeps the last sampled token of every slot on the device
+Every step shape (T, S) of EngineConfig.step_shapes is compiled ahead of time by ``warmup()``,
+twice: with and without the sort that top-k/top-p sampling needs. A step pads its plan to the
+smallest shape that holds it (pure decode: T = S, one row per sequence), so sequences growing
+never recompile anything (the KV cache lives outside XLA). The step keeps the last sampled token of every slot on the device
 (``last_tokens`` [slots]); a decode row of step N takes its input from there, so step N can be
 enqueued before the host has read step N-1's tokens (one-step lag).
 """
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jvt.config import bucket
 from jvt.sampling import SampleResult, SamplingArrays, sample
 from jvt.scheduler import StepPlan
 from jvt.types import AttnMeta
@@ -92,14 +94,13 @@ class Runner:
 
     Args:
       module: the model's NNX module (jvt.models.Model.module). store: its KV store.
-      token_buckets, seq_buckets: the step shapes. device: the jax.Device to run on.
+      shapes: the sorted (T, S) step shapes (EngineConfig.step_shapes). device: a jax.Device.
     """
 
-    def __init__(self, module, store, *, token_buckets, seq_buckets, device):
+    def __init__(self, module, store, *, shapes, device):
         self.store = store
         self.device = device
-        self.token_buckets = tuple(token_buckets)
-        self.seq_buckets = tuple(seq_buckets)
+        self.shapes = sorted(shapes)
         self.graphdef, state = nnx.split(module)
         weights, self.treedef = jax.tree.flatten(state)
         self.weights = jax.device_put(weights, device)  # flat list of arrays, flattened once
@@ -107,12 +108,9 @@ class Runner:
         self.compiled: dict[tuple[int, int, bool], object] = {}  # (T, S, greedy_only)
         self.num_compiles = 0
 
-    def shapes(self) -> list[tuple[int, int]]:
-        return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
-
     def warmup(self) -> None:
-        """Compile every (T, S) bucket pair, greedy-only and sampling, so no step compiles."""
-        for shape in self.shapes():
+        """Compile every step shape, greedy-only and sampling, so no step compiles."""
+        for shape in self.shapes:
             for greedy_only in (True, False):
                 self._compile(*shape, greedy_only)
 
@@ -129,19 +127,9 @@ class Runner:
             self.num_compiles += 1
         return self.compiled[key]
 
-    def bucket(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
-        """The smallest compiled (T, S) holding a step of that many tokens and sequences."""
-        s = next((b for b in self.seq_buckets if b >= num_seqs), None)
-        t = next((b for b in self.token_buckets if b >= max(num_tokens, s or 0)), None)
-        if t is None or s is None:
-            raise ValueError(f"a step of {num_tokens} tokens and {num_seqs} sequences exceeds "
-                             f"the largest bucket ({self.token_buckets[-1]}, "
-                             f"{self.seq_buckets[-1]})")
-        return t, s
-
     def launch(self, plan: StepPlan) -> jax.Array:
         """Enqueue the step of ``plan``; returns its device results without waiting."""
-        t, s = self.bucket(plan.num_tokens, len(plan.entries))
+        t, s = bucket(self.shapes, plan.num_tokens, len(plan.entries))
         greedy_only = all(e.seq.params.temperature == 0 for e in plan.entries)
         ints, floats = jax.device_put(_to_wire(_pack(plan, t, s)), self.device)
         step = self._compile(t, s, greedy_only)

@@ -76,7 +76,7 @@ def restore(path: str, config: ModelConfig, device: jax.Device | None = None) ->
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     graphdef, state = nnx.split(abstract_module(config))
     flat = list(nnx.to_flat_state(state))
-    target = {_flat_key(p): jax.ShapeDtypeStruct(v.value.shape, v.value.dtype, sharding=sharding)
+    target = {_flat_key(p): jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=sharding)
               for p, v in flat}
     restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
     try:
@@ -99,7 +99,7 @@ def save(path: str, module: Llama) -> None:
     the caller already has its module."""
     import orbax.checkpoint as ocp
 
-    arrays = {_flat_key(p): v.value
+    arrays = {_flat_key(p): v.get_value()
               for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)

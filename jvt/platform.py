@@ -1,0 +1,61 @@
+"""Where an engine runs: its JAX device, XLA's memory pool, the persistent compilation cache,
+and the defaults that depend on the machine (the host KV budget cap)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import jax
+
+from jvt.models.cache import cache_root
+
+HOST_KV_FRACTION = 0.25  # default cap of a host (CPU) store's physical KV: a quarter of RAM
+
+
+def jax_device(device: str, xla_mem_fraction: float) -> jax.Device:
+    """The jax.Device of "cpu", "cuda" or "cuda:N" (ValueError when absent). On CUDA, caps
+    XLA's pool at xla_mem_fraction before JAX initialises (the KV chunks live outside it)."""
+    if device == "cpu":
+        return jax.devices("cpu")[0]
+    from jax._src import xla_bridge
+
+    if not getattr(xla_bridge, "backends_are_initialized", lambda: True)():
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(xla_mem_fraction))
+    elif not {"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+              "XLA_PYTHON_CLIENT_ALLOCATOR"} & os.environ.keys():
+        warnings.warn("JAX was initialised before the Engine with XLA's default pool (75% of GPU "
+                      "memory), which leaves little for the KV cache: set "
+                      "XLA_PYTHON_CLIENT_MEM_FRACTION before importing JAX", stacklevel=3)
+    index = int(device.partition(":")[2] or 0)
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    if index >= len(gpus):
+        raise ValueError(f"device={device!r} but JAX sees {len(gpus)} GPU(s)")
+    return gpus[index]
+
+
+def enable_compilation_cache(directory: str | None) -> str:
+    """Turn on JAX's persistent compilation cache in `directory` (None: <cache root>/xla)
+    unless the process already set one (JAX_COMPILATION_CACHE_DIR or an earlier engine);
+    returns the directory in use. Every compilation is cached, however quick: the CPU step
+    shapes compile in about a second each and load in milliseconds."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    directory = directory or os.path.join(cache_root(), "xla")
+    os.makedirs(directory, exist_ok=True)
+    compilation_cache.set_cache_dir(directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()  # JAX decides once whether to use the cache: decide anew
+    return directory
+
+
+def host_kv_cap() -> int:
+    """Default cap of a host store's physical KV bytes: HOST_KV_FRACTION of physical RAM."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * HOST_KV_FRACTION)
