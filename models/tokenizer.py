@@ -1,13 +1,15 @@
-"""Tokenizers: the built-in byte tokenizer of the presets and a wrapper of a checkpoint's own.
+"""Tokenizers: the built-in byte tokenizer of the presets, a wrapper of a Hugging Face
+checkpoint's own, and the tokenizer a GGUF file describes in its metadata.
 
-Both follow one protocol (`Tokenizer`): encode/decode, vocab_size, bos_id, eos_ids and
+All follow one protocol (`Tokenizer`): encode/decode, vocab_size, bos_id, eos_ids, add_bos and
 apply_chat_template returning token ids. Special tokens are skipped by decode.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 ROLES = ("system", "user", "assistant")
@@ -20,11 +22,14 @@ BYTE_CHAT_TEMPLATE = (
 
 
 class Tokenizer(Protocol):
-    """What the engine needs from a tokenizer (ByteTokenizer and HFTokenizer implement it)."""
+    """What the engine needs from a tokenizer (ByteTokenizer, HFTokenizer and GGUFTokenizer
+    implement it). add_bos says whether a plain prompt should start with BOS; encode adds it
+    only when asked (add_bos=True), and chat templates write their own."""
 
     vocab_size: int
     bos_id: int | None
     eos_ids: tuple[int, ...]
+    add_bos: bool
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
 
@@ -40,6 +45,13 @@ def _check_messages(messages: list[dict]) -> None:
             raise ValueError(f"chat messages are dicts with 'role' and 'content', got {m!r}")
 
 
+def _no_chat_template(source: str) -> ValueError:
+    return ValueError(
+        f"{source} has no chat template, so chat messages cannot be turned into a prompt: pass "
+        "plain text prompts (Engine.generate / Engine.stream) instead of chat messages, or use a "
+        "checkpoint whose tokenizer has a chat template (an instruct/chat model)")
+
+
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0..255, then the special tokens of SPECIALS (256..262).
 
@@ -52,6 +64,7 @@ class ByteTokenizer:
         self.vocab_size = 256 + len(SPECIALS)
         self.bos_id = self.special_ids["<|bos|>"]
         self.eos_ids = (self.special_ids["<|eos|>"], self.special_ids["<|end|>"])
+        self.add_bos = True
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Bytes of text; special-token names inside text stay plain bytes."""
@@ -89,7 +102,7 @@ class ByteTokenizer:
         """Write this tokenizer as a Hugging Face fast tokenizer (byte-level BPE, no merges,
         same ids and chat template), so that HFTokenizer reads it back identically."""
         from tokenizers import Tokenizer as RawTokenizer
-        from tokenizers import decoders, models, pre_tokenizers
+        from tokenizers import decoders, models, pre_tokenizers, processors
         from transformers import PreTrainedTokenizerFast
 
         vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
@@ -97,6 +110,10 @@ class ByteTokenizer:
         raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         raw.decoder = decoders.ByteLevel()
         raw.add_special_tokens(list(SPECIALS))
+        # Carries add_bos: HFTokenizer reads it off an encoding with special tokens.
+        raw.post_processor = processors.TemplateProcessing(
+            single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B:1",
+            special_tokens=[("<|bos|>", self.bos_id)])
         tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|bos|>",
                                       eos_token="<|eos|>", pad_token="<|pad|>")
         tok.chat_template = BYTE_CHAT_TEMPLATE
@@ -129,6 +146,10 @@ class HFTokenizer:
         self.bos_id = self._tok.bos_token_id
         eos = [self._tok.eos_token_id, *extra_eos]
         self.eos_ids = tuple(dict.fromkeys(i for i in eos if i is not None))
+        # The tokenizer's own rule (its post-processor or add_bos_token flag), read off an
+        # encoding of the empty text with its special tokens.
+        self.add_bos = (self.bos_id is not None and
+                        self._tok.encode("", add_special_tokens=True)[:1] == [self.bos_id])
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False)
@@ -146,7 +167,7 @@ class HFTokenizer:
         """Render the checkpoint's chat template to text (it writes its own BOS), then encode."""
         _check_messages(messages)
         if not self._tok.chat_template:
-            raise ValueError("this checkpoint's tokenizer has no chat template")
+            raise _no_chat_template(f"the tokenizer of {self._tok.name_or_path}")
         text = self._tok.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         return self._tok.encode(text, add_special_tokens=False)
@@ -154,3 +175,153 @@ class HFTokenizer:
     def save_hf(self, directory: str | os.PathLike) -> None:
         """Write the wrapped tokenizer's files (with its chat template) to directory."""
         self._tok.save_pretrained(os.fspath(directory))
+
+
+# Split regexes of the original tokenizer.json files of the byte-level BPE vocabularies that
+# GGUF files name in tokenizer.ggml.pre (llama.cpp's llama-vocab.cpp applies the same rules).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class _PreRule(NamedTuple):
+    """How a byte-level BPE vocabulary splits text, by its tokenizer.ggml.pre name."""
+
+    split: str | None  # split regex; None: GPT-2's own (ByteLevel's built-in regex)
+    digits: bool  # isolate every numeric character (\p{N}) first
+    ignore_merges: bool  # a pre-token that is a whole vocabulary entry is kept whole
+    add_bos: bool  # llama.cpp's default when tokenizer.ggml.add_bos_token is absent
+
+
+# As llama.cpp has them: Llama 3 vocabularies ignore merges for whole words and add BOS.
+_BPE_PRE = {
+    "gpt-2": _PreRule(None, False, False, False),
+    "smollm": _PreRule(None, True, False, False),
+    "llama-bpe": _PreRule(_LLAMA3_SPLIT, False, True, True),
+    "llama3": _PreRule(_LLAMA3_SPLIT, False, True, True),
+    "llama-v3": _PreRule(_LLAMA3_SPLIT, False, True, True),
+    "qwen2": _PreRule(_QWEN2_SPLIT, False, False, False),
+    "deepseek-r1-qwen": _PreRule(_QWEN2_SPLIT, False, False, False),
+}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types (tokenizer.ggml.token_type)
+
+
+class GGUFTokenizer:
+    """The tokenizer a GGUF file describes in its metadata, built with the tokenizers library:
+    byte-level BPE (tokenizer.ggml.model "gpt2") with the split rule of tokenizer.ggml.pre
+    (one of _BPE_PRE), the file's control tokens as special tokens and its user-defined tokens
+    matched whole, and the file's chat template (tokenizer.chat_template).
+
+    add_bos is tokenizer.ggml.add_bos_token, else llama.cpp's default for the vocabulary.
+    extra_eos adds end ids (the config's eos ids, e.g. Llama 3's <|eot_id|>).
+    SentencePiece vocabularies (tokenizer.ggml.model "llama", Llama 2 / Mistral v0.1 files) are
+    not supported: ValueError.
+    """
+
+    def __init__(self, path: str | os.PathLike, extra_eos: tuple[int, ...] = ()):
+        from jvt.models.gguf import open_gguf
+
+        self.path = os.fspath(path)
+        meta = open_gguf(self.path).metadata
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens:
+            raise ValueError(f"{self.path}: the GGUF metadata has no tokenizer.ggml.tokens")
+        self._tokens = tokens
+        self.vocab_size = len(tokens)
+        self.bos_id = self._token_id(meta, "bos")
+        eos = (self._token_id(meta, "eos"), self._token_id(meta, "eot"),
+               self._token_id(meta, "eom"), *extra_eos)
+        self.eos_ids = tuple(dict.fromkeys(i for i in eos if i is not None))
+        rule = self._pre_rule(meta)
+        self.add_bos = (bool(meta.get("tokenizer.ggml.add_bos_token", rule.add_bos))
+                        and self.bos_id is not None)
+        self._raw = self._build(meta, rule)
+        self._special = {name: self._token_id(meta, key) for name, key in
+                         (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+                          ("pad_token", "padding"))}
+        self.chat_template = meta.get("tokenizer.chat_template")
+
+    def _token_id(self, meta: dict, name: str) -> int | None:
+        token = meta.get(f"tokenizer.ggml.{name}_token_id")
+        if token is not None and not (isinstance(token, int) and 0 <= token < self.vocab_size):
+            raise ValueError(f"{self.path}: tokenizer.ggml.{name}_token_id {token!r} is not an id "
+                             f"of the {self.vocab_size}-token vocabulary")
+        return token
+
+    def _pre_rule(self, meta: dict) -> _PreRule:
+        kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
+        if kind != "gpt2":
+            raise ValueError(f"{self.path}: GGUF tokenizer model {kind!r} is not supported; "
+                             "supported: 'gpt2' (byte-level BPE)")
+        if pre not in _BPE_PRE:
+            raise ValueError(f"{self.path}: GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is "
+                             f"not supported; supported: {', '.join(_BPE_PRE)}")
+        return _BPE_PRE[pre]
+
+    def _build(self, meta: dict, rule: _PreRule):
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+        from tokenizers import Tokenizer as RawTokenizer
+
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        # A spelling listed twice encodes to its last id, as in llama.cpp (both ids decode).
+        vocab = {token: i for i, token in enumerate(self._tokens)}
+        raw = RawTokenizer(models.BPE(vocab=vocab, merges=merges,
+                                      ignore_merges=rule.ignore_merges))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                              use_regex=rule.split is None)
+        steps = [pre_tokenizers.Split(Regex(rule.split), behavior="isolated")] if rule.split else []
+        if rule.digits:
+            steps.append(pre_tokenizers.Digits(individual_digits=True))
+        raw.pre_tokenizer = pre_tokenizers.Sequence([*steps, byte_level])
+        raw.decoder = decoders.ByteLevel()
+        types = meta.get("tokenizer.ggml.token_type") or [0] * len(self._tokens)
+        raw.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(self._tokens, types) if k == _CONTROL])
+        raw.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, k in zip(self._tokens, types) if k == _USER_DEFINED])
+        if self.add_bos:
+            # Only for save_hf: encode passes add_special_tokens=False and adds BOS itself.
+            bos = self._tokens[self.bos_id]
+            raw.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
+                special_tokens=[(bos, self.bos_id)])
+        return raw
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of text; special tokens written in text become their single ids."""
+        ids = self._raw.encode(text, add_special_tokens=False).ids
+        if add_bos:
+            if self.bos_id is None:
+                raise ValueError("add_bos=True but this tokenizer has no BOS token")
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._raw.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
+                            ) -> list[int]:
+        """Render the file's chat template to text (it writes its own BOS), then encode."""
+        _check_messages(messages)
+        if not self.chat_template:
+            raise _no_chat_template(f"the GGUF file {self.path}")
+        text = self._hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.encode(text)
+
+    def save_hf(self, directory: str | os.PathLike) -> None:
+        """Write this tokenizer as a Hugging Face fast tokenizer (same ids, BOS rule and chat
+        template), so that HFTokenizer reads it back identically."""
+        self._hf.save_pretrained(os.fspath(directory))
+
+    @functools.cached_property
+    def _hf(self):
+        """A transformers wrapper of the same tokenizer: transformers renders chat templates
+        (Jinja, with its sandbox and helpers) and writes HF tokenizer files."""
+        from transformers import PreTrainedTokenizerFast
+
+        names = {k: self._tokens[i] for k, i in self._special.items() if i is not None}
+        tok = PreTrainedTokenizerFast(tokenizer_object=self._raw, **names)
+        tok.chat_template = self.chat_template
+        return tok
