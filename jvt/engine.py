@@ -398,7 +398,7 @@ class Engine:
             if not prompt:
                 raise ValueError(f"{name} is an empty string")
             text = prompt
-            ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_id is not None)
+            ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos)
         elif _is_token_list(prompt):
             text, ids = None, list(prompt)
         else:

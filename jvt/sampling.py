@@ -51,30 +51,57 @@ class SampleResult:
     top_logprobs: jax.Array  # [S, min(MAX_LOGPROBS, V)] float32 their log-probabilities
 
 
-def _filtered_logits(x: jax.Array, top_k, top_p, min_p):
-    """x: [V] temperature-scaled logits -> (masked logits sorted descending, their token ids)."""
-    vocab = x.shape[0]
-    sorted_x, ids = jax.lax.top_k(x, vocab)
-    rank = jnp.arange(vocab)
-    keep = (top_k == 0) | (rank < top_k)
-    sorted_x = jnp.where(keep, sorted_x, -jnp.inf)
-    probs = jax.nn.softmax(sorted_x)
-    keep &= (jnp.cumsum(probs) - probs) < top_p  # the smallest prefix reaching top_p mass
-    keep &= probs >= min_p * probs[0]
-    return jnp.where(keep, sorted_x, -jnp.inf), ids
+_BISECT_STEPS = 32  # threshold resolution: 2^-32 of the value range (exact up to near-ties)
+
+
+def _bisect(lo, hi, holds):
+    """The boundary between lo (holds(lo) true) and hi (false) after _BISECT_STEPS halvings;
+    returns the last value where holds() was true."""
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) * 0.5
+        ok = holds(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+    return jax.lax.fori_loop(0, _BISECT_STEPS, body, (lo, hi))[0]
+
+
+def _filtered_probs(x: jax.Array, top_k, top_p, min_p) -> jax.Array:
+    """x: [V] temperature-scaled logits -> [V] probabilities (top-k renormalized, not summing
+    to 1 after top-p/min-p) with the tokens top-k, top-p and min-p drop set to 0, in that
+    order, each on the distribution the previous one left.
+
+    Thresholds come from bisection instead of a sort of the vocabulary (a full sort of 49k
+    logits took 26 ms per row on the CPU): top-k keeps x >= the k-th largest value, top-p the
+    most probable tokens whose mass before them is < top_p, min-p the tokens with p >= min_p
+    times the top probability. Tokens tied at a threshold (within 2^-32 of the value range)
+    are all kept.
+    """
+    top = jnp.max(x)
+    kth = _bisect(jnp.min(x), top + 1.0, lambda v: jnp.sum(x >= v) >= top_k)
+    x = jnp.where((top_k == 0) | (x >= kth), x, -jnp.inf)
+    probs = jax.nn.softmax(x)
+    p_max = jnp.max(probs)
+    # The smallest probability still kept: mass strictly above it stays below top_p.
+    tau = _bisect(p_max, jnp.float32(0.0),
+                  lambda v: jnp.sum(jnp.where(probs > v, probs, 0.0)) < top_p)
+    keep = (probs >= tau) & (probs >= min_p * p_max)
+    return jnp.where(keep, probs, 0.0)
 
 
 def _sample_row(logits, temperature, top_k, top_p, min_p, seed, counter):
+    """Inverse-transform sampling: one uniform draw against the cumulative kept mass (a
+    categorical draw would need a Gumbel number per vocabulary entry: 2.4 ms on the CPU)."""
     key = jax.random.fold_in(jax.random.key(seed), counter)
     x = logits / jnp.maximum(temperature, 1e-6)
-    masked, ids = _filtered_logits(x, top_k, top_p, min_p)
-    return ids[jax.random.categorical(key, masked)]
+    cdf = jnp.cumsum(_filtered_probs(x, top_k, top_p, min_p))
+    u = jax.random.uniform(key, dtype=jnp.float32) * cdf[-1]
+    return jnp.minimum(jnp.searchsorted(cdf, u, side="right"), x.shape[0] - 1)
 
 
 def sample(logits: jax.Array, p: SamplingArrays, *, greedy_only: bool = False) -> SampleResult:
     """Pick one token per row of ``logits`` [S, V] (float32) under ``p``.
 
-    greedy_only (static) skips the sort behind top-k/top-p when the caller knows no row samples;
+    greedy_only (static) skips the filtering and the draw when the caller knows no row samples;
     a static switch rather than lax.cond, whose predicate XLA:GPU reads back on the host.
     """
     logits = logits.astype(jnp.float32)

@@ -13,8 +13,9 @@ from jvt.models.config import ModelConfig
 from jvt.models.llama import Llama, init_module
 from jvt.models.loader import Model, load, locate_real_model, read_config, save_hf_checkpoint
 from jvt.models.presets import DEFAULT_MODEL, PRESETS, REAL_MODELS, preset_config
-from jvt.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from jvt.models.tokenizer import ByteTokenizer, GGUFTokenizer, HFTokenizer, Tokenizer
 
-__all__ = ["DEFAULT_MODEL", "PRESETS", "REAL_MODELS", "ByteTokenizer", "HFTokenizer", "Llama",
+__all__ = ["DEFAULT_MODEL", "PRESETS", "REAL_MODELS", "ByteTokenizer", "GGUFTokenizer",
+           "HFTokenizer", "Llama",
            "Model", "ModelConfig", "Tokenizer", "init_module", "llama", "load",
            "locate_real_model", "preset_config", "read_config", "save_hf_checkpoint"]
