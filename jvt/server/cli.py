@@ -33,8 +33,9 @@ QUEUE_PER_SLOT = 8  # default --max-queue: this many waiting requests per KV slo
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The serve subcommand's flags: server options, then the engine's."""
-    parser.add_argument("--model", default="tiny",
-                        help="preset name or checkpoint path (default tiny: random weights)")
+    parser.add_argument("--model", default=None,
+                        help="a real model (smollm2-135m), a random-weights preset (tiny, ...) "
+                             "or a checkpoint path (default: jvt.models.DEFAULT_MODEL)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
@@ -46,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {QUEUE_PER_SLOT} x max-num-seqs)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_arguments(parser)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's flags (also used by bench/serve.py); ``engine_options`` reads them."""
     engine = parser.add_argument_group("engine (jvt.EngineConfig; default: the engine's)")
     for flag, kind, help_text in ENGINE_FLAGS:
         engine.add_argument(flag, type=kind, default=None, help=help_text)
@@ -82,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
     from jvt.server.metrics import ServerMetrics
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.model is None:
+        from jvt.models import DEFAULT_MODEL
+
+        args.model = DEFAULT_MODEL
     try:
         opts = engine_options(args)
         config = make_config(**opts)

@@ -24,7 +24,7 @@ from jvt.server.bridge import (
 )
 from jvt.server.errors import APIError, error_body
 from jvt.server.protocol import UsageInfo
-from jvt.types import RequestOutput, SamplingParams
+from jvt.types import RequestOutput, SamplingParams, StreamDelta
 
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
 LOGPROB_FLOOR = -9999.0  # stands for -inf, which JSON cannot carry (vLLM's choice)
@@ -42,17 +42,22 @@ class Generation:
         self.open = len(sub.items)  # choices whose last update has not arrived
 
     async def updates(self) -> AsyncIterator[Update]:
-        """Updates in arrival order until every choice has finished (EngineDeadError if the
-        engine dies meanwhile)."""
+        """Updates until every choice has finished (EngineDeadError if the engine dies
+        meanwhile). Updates of one choice that queued up while the consumer was busy (a slow
+        client, a loaded event loop) come merged into one: fewer, larger chunks under load."""
+        queue = self.sub.updates
         try:
             while self.open:
-                item = await self.sub.updates.get()
-                if isinstance(item, EngineDeadError):
-                    self.open = 0
-                    raise item
-                if item.output is not None:
-                    self.open -= 1
-                yield item
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                for item in _merge(items):
+                    if isinstance(item, EngineDeadError):
+                        self.open = 0
+                        raise item
+                    if item.output is not None:
+                        self.open -= 1
+                    yield item
         finally:
             self.abort()
 
@@ -85,6 +90,24 @@ class Generation:
         if self.open:
             self.open = 0
             self.bridge.abort(self.sub)
+
+
+def _merge(items: list) -> list:
+    """Consecutive updates of each choice as one (in first-arrival order); an error ends it."""
+    merged: dict[int, Update] = {}
+    for item in items:
+        if isinstance(item, EngineDeadError):
+            return [*merged.values(), item]
+        prev = merged.get(item.index)
+        if prev is None:
+            merged[item.index] = item
+            continue
+        a, b = prev.delta, item.delta
+        logprobs = None if a.logprobs is None else a.logprobs + (b.logprobs or [])
+        merged[item.index] = Update(item.index, StreamDelta(
+            b.request_id, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, logprobs),
+            item.output)
+    return list(merged.values())
 
 
 async def _disconnected(raw: Request) -> None:

@@ -1,0 +1,376 @@
+"""Online serving benchmark (the role of ``vllm bench serve``): a random or ShareGPT-like
+workload (bench/workload.py) sent as streamed /v1/completions requests, at a Poisson request
+rate or all at once, under a fixed concurrency limit; prints request/s, output tok/s, TTFT,
+TPOT, ITL and end-to-end latency (mean, median, p99) and writes them as JSON.
+
+    python -m bench.serve --url http://127.0.0.1:8000 --model NAME [--dataset sharegpt] ...
+        benchmarks any OpenAI-compatible server.
+    python -m bench.serve --model tiny [engine options, as for jvt serve] ...
+        starts ``python -m jvt serve`` with those options, benchmarks it over HTTP, then runs
+        the same workload on an in-process Engine with the same options (add_request/step,
+        same arrivals and concurrency) and reports HTTP / in-process throughput.
+
+As a part of ``python -m bench`` (``run(report, smoke)``) it runs the comparison at
+concurrency 16. Every request is greedy with EOS ignored, so it generates exactly its output
+length. TTFT and ITL come from the stream chunks' arrival (HTTP) or the engine's token times
+(in-process); TPOT is (latency - TTFT) / (output tokens - 1) per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench import workload
+from bench.common import Report, Table, log, percentile
+
+
+@dataclasses.dataclass
+class Sample:
+    """What one request measured (seconds)."""
+
+    prompt_tokens: int
+    output_tokens: int
+    ttft: float
+    itl: list[float]
+    latency: float
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    dataset: str  # "random" or "sharegpt"
+    num_prompts: int
+    request_rate: float  # requests/s (Poisson); inf: all at once
+    max_concurrency: int
+    input_len: int  # random: every prompt's length; sharegpt: the cap
+    output_len: int  # random: every output's length; sharegpt: the cap
+    seed: int = 0
+
+
+def make_workload(plan: Plan) -> list[workload.Request]:
+    if plan.dataset == "sharegpt":
+        return workload.sharegpt_like(plan.num_prompts, rate=plan.request_rate, seed=plan.seed,
+                                      max_prompt=plan.input_len, max_output=plan.output_len)
+    if plan.dataset != "random":
+        raise ValueError(f"dataset must be 'random' or 'sharegpt', got {plan.dataset!r}")
+    rng = np.random.default_rng(plan.seed)
+    n = plan.num_prompts
+    gaps = np.zeros(n) if math.isinf(plan.request_rate) else rng.exponential(
+        1.0 / plan.request_rate, n)
+    arrivals = np.cumsum(gaps) - gaps[0]
+    return [workload.Request(float(a), workload.text(rng, plan.input_len), plan.input_len,
+                             plan.output_len) for a in arrivals]
+
+
+def summarize(samples: list[Sample], duration_s: float) -> dict:
+    """vLLM's summary: throughputs and mean/median/p99 of TTFT, TPOT, ITL, E2E (ms)."""
+    ok = [s for s in samples if s.error is None]
+    out_tokens = sum(s.output_tokens for s in ok)
+    in_tokens = sum(s.prompt_tokens for s in ok)
+    summary = {
+        "completed": len(ok), "failed": len(samples) - len(ok), "duration_s": duration_s,
+        "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+        "request_throughput": len(ok) / duration_s,
+        "output_throughput": out_tokens / duration_s,
+        "total_token_throughput": (in_tokens + out_tokens) / duration_s,
+    }
+    series = {
+        "ttft": [s.ttft for s in ok],
+        "tpot": [(s.latency - s.ttft) / (s.output_tokens - 1) for s in ok if s.output_tokens > 1],
+        "itl": [g for s in ok for g in s.itl],
+        "e2el": [s.latency for s in ok],
+    }
+    for name, values in series.items():
+        summary[f"mean_{name}_ms"] = 1e3 * float(np.mean(values)) if values else math.nan
+        summary[f"median_{name}_ms"] = 1e3 * percentile(values, 50)
+        summary[f"p99_{name}_ms"] = 1e3 * percentile(values, 99)
+    errors = [s.error for s in samples if s.error is not None]
+    if errors:
+        summary["first_error"] = errors[0]
+    return summary
+
+
+# -- over HTTP -----------------------------------------------------------------------------
+
+async def _stream_one(client: httpx.AsyncClient, model: str, req: workload.Request) -> Sample:
+    body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len,
+            "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    times: list[float] = []
+    usage = None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return Sample(0, 0, 0.0, [], 0.0, f"HTTP {r.status_code}: {await r.aread()!r}")
+            pending = b""
+            async for data in r.aiter_bytes():
+                now = time.perf_counter()
+                *events, pending = (pending + data).split(b"\n\n")
+                for ev in events:
+                    # JSON-decode only what needs it: the client shares the CPU it measures.
+                    if ev.startswith(b'data: {"error"'):
+                        return Sample(0, 0, 0.0, [], 0.0, ev[6:].decode())
+                    if b'"choices":[{' in ev:
+                        times.append(now)
+                    if b'"usage":{' in ev:
+                        usage = json.loads(ev[6:])["usage"]
+    except httpx.HTTPError as e:
+        return Sample(0, 0, 0.0, [], 0.0, f"{type(e).__name__}: {e}")
+    end = time.perf_counter()
+    if not times or usage is None:
+        return Sample(0, 0, 0.0, [], 0.0, "stream ended without tokens or usage")
+    return Sample(usage["prompt_tokens"], usage["completion_tokens"], times[0] - t0,
+                  list(np.diff(times)), end - t0)
+
+
+async def _run_http(url: str, model: str, reqs: list[workload.Request], concurrency: int,
+                    api_key: str | None) -> tuple[list[Sample], float]:
+    limit = asyncio.Semaphore(concurrency)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits,
+                                 timeout=httpx.Timeout(600.0, connect=10.0)) as client:
+        await _stream_one(client, model, workload.Request(0.0, "warm up", 7, 2))
+        t0 = time.perf_counter()
+
+        async def one(req):
+            await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.perf_counter()))
+            async with limit:
+                return await _stream_one(client, model, req)
+
+        samples = await asyncio.gather(*(one(r) for r in reqs))
+        return list(samples), time.perf_counter() - t0
+
+
+def bench_http(url: str, model: str, reqs: list[workload.Request], concurrency: int,
+               api_key: str | None = None) -> dict:
+    samples, duration = asyncio.run(_run_http(url, model, reqs, concurrency, api_key))
+    return summarize(samples, duration)
+
+
+class JvtServer:
+    """``python -m jvt serve`` in a subprocess on a free port (a context manager)."""
+
+    def __init__(self, model: str, engine_opts: dict, startup_s: float = 900.0):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "jvt", "serve", "--model", model, "--port", str(self.port),
+               "--log-level", "warning", *_flags(engine_opts)]
+        log(f"serve: starting {' '.join(cmd[1:])}")
+        self.proc = subprocess.Popen(cmd)
+        deadline = time.monotonic() + startup_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jvt serve exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"jvt serve not healthy after {startup_s} s")
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _flags(opts: dict) -> list[str]:
+    flags = []
+    for name, value in opts.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            flags += [flag, ",".join(map(str, value))]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+# -- in process ----------------------------------------------------------------------------
+
+def bench_in_process(engine, reqs: list[workload.Request], concurrency: int) -> dict:
+    """The same workload on ``engine`` through add_request/step: requests are added at their
+    arrival time while fewer than ``concurrency`` are unfinished."""
+    from jvt import SamplingParams
+
+    def params(req):
+        return SamplingParams(temperature=0.0, max_tokens=req.output_len, ignore_eos=True)
+
+    engine.generate(["warm up"], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+    pending = collections.deque(sorted(reqs, key=lambda r: r.arrival_s))
+    active, outputs = [], []
+    t0 = time.perf_counter()
+    while pending or active:
+        now = time.perf_counter() - t0
+        while pending and pending[0].arrival_s <= now and len(active) < concurrency:
+            req = pending.popleft()
+            active.append(engine.add_request(req.prompt, params(req)))
+        if engine.has_unfinished():
+            engine.step()
+        elif pending:
+            time.sleep(max(0.0, min(pending[0].arrival_s - now, 0.01)))
+        still = []
+        for handle in active:
+            (outputs if handle.finished else still).append(handle)
+        active = still
+    duration = time.perf_counter() - t0
+    while engine.has_unfinished():
+        engine.step()
+    samples = []
+    for handle in outputs:
+        out = handle.output()
+        m = out.metrics
+        samples.append(Sample(len(out.prompt_token_ids), len(out.token_ids), m.ttft, m.itl,
+                              m.finished_time - m.arrival_time))
+    return summarize(samples, duration)
+
+
+# -- comparison and report -----------------------------------------------------------------
+
+COLUMNS = ["run", "requests", "duration s", "req/s", "output tok/s", "TTFT mean ms",
+           "TTFT median ms", "TTFT p99 ms", "TPOT mean ms", "TPOT median ms", "TPOT p99 ms",
+           "ITL mean ms", "ITL median ms", "ITL p99 ms", "E2E mean ms", "E2E median ms",
+           "E2E p99 ms"]
+
+
+def table_row(name: str, s: dict) -> list:
+    row = [name, s["completed"], s["duration_s"], s["request_throughput"], s["output_throughput"]]
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        row += [s[f"mean_{metric}_ms"], s[f"median_{metric}_ms"], s[f"p99_{metric}_ms"]]
+    return row
+
+
+def compare(model: str, engine_opts: dict, plan: Plan) -> dict[str, dict]:
+    """``jvt serve`` over HTTP, then the in-process engine, on one workload."""
+    import jvt
+
+    reqs = make_workload(plan)
+    with JvtServer(model, engine_opts) as server:
+        log(f"serve: HTTP, {plan.num_prompts} requests, concurrency {plan.max_concurrency}")
+        http = bench_http(server.url, model, reqs, plan.max_concurrency)
+    log("serve: in-process engine")
+    engine = jvt.Engine(model, **engine_opts)
+    try:
+        local = bench_in_process(engine, reqs, plan.max_concurrency)
+    finally:
+        engine.close()
+    return {"jvt serve (HTTP)": http, "in-process engine": local}
+
+
+def _device() -> str:
+    import jax
+
+    return "cuda" if jax.default_backend() == "gpu" else "cpu"
+
+
+SMOKE = ("tiny", {"max_num_seqs": 4, "max_num_batched_tokens": 64, "token_buckets": (16, 64),
+                  "seq_buckets": (4,), "max_model_len": 256},
+         Plan("random", 8, math.inf, 4, 32, 8))
+CPU = ("tiny", {"max_num_seqs": 16, "max_num_batched_tokens": 256,
+                "token_buckets": (16, 64, 256), "seq_buckets": (4, 16), "max_model_len": 1024},
+       Plan("sharegpt", 96, math.inf, 16, 512, 256))
+GPU = ("llama-3.2-1b", {"max_num_seqs": 64, "max_model_len": 2048, "device": "cuda",
+                        "dtype": "bfloat16"},
+       Plan("sharegpt", 256, math.inf, 16, 1024, 512))
+
+
+def run(report: Report, smoke: bool) -> None:
+    """bench/run.py part: HTTP vs in-process at concurrency 16 (4 in the smoke run)."""
+    model, opts, plan = SMOKE if smoke else (GPU if _device() == "cuda" else CPU)
+    results = compare(model, opts, plan)
+    t = report.table(f"Serving: jvt serve over HTTP vs the in-process engine ({model}, "
+                     f"{plan.dataset}, {plan.num_prompts} requests, concurrency "
+                     f"{plan.max_concurrency})", COLUMNS)
+    for name, summary in results.items():
+        t.add(*table_row(name, summary))
+    http, local = results["jvt serve (HTTP)"], results["in-process engine"]
+    t.notes.append(f"HTTP / in-process output throughput: "
+                   f"{http['output_throughput'] / local['output_throughput']:.3f}")
+    report.headline_row("serve", f"output tok/s at concurrency {plan.max_concurrency}",
+                        http["output_throughput"], "in-process engine",
+                        local["output_throughput"], higher_is_better=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jvt.server.cli import add_engine_arguments, engine_options
+
+    ap = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default=None,
+                    help="an OpenAI-compatible server to benchmark (default: start jvt serve "
+                         "and compare it with the in-process engine)")
+    ap.add_argument("--model", default="tiny",
+                    help="model name sent in requests; without --url, what jvt serve loads")
+    ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    ap.add_argument("--dataset", choices=["random", "sharegpt"], default="random")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--request-rate", type=float, default=math.inf,
+                    help="requests/s, Poisson arrivals (default inf: all at once)")
+    ap.add_argument("--max-concurrency", type=int, default=16)
+    ap.add_argument("--input-len", type=int, default=128,
+                    help="random: prompt length; sharegpt: the longest prompt")
+    ap.add_argument("--output-len", type=int, default=128,
+                    help="random: output length; sharegpt: the longest output")
+    ap.add_argument("--workload-seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    add_engine_arguments(ap)
+    args = ap.parse_args(argv)
+    plan = Plan(args.dataset, args.num_prompts, args.request_rate, args.max_concurrency,
+                args.input_len, args.output_len, args.workload_seed)
+    if args.url:
+        results = {args.url: bench_http(args.url, args.model, make_workload(plan),
+                                        plan.max_concurrency, args.api_key)}
+    else:
+        results = compare(args.model, engine_options(args), plan)
+    table = Table(f"{args.model}, {plan.dataset}, {plan.num_prompts} requests, rate "
+                  f"{plan.request_rate}/s, concurrency {plan.max_concurrency}", COLUMNS)
+    for name, summary in results.items():
+        table.add(*table_row(name, summary))
+    if len(results) == 2:
+        http, local = results.values()
+        table.notes.append(f"HTTP / in-process output throughput: "
+                           f"{http['output_throughput'] / local['output_throughput']:.3f}")
+    print(table.markdown(), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                        "plan": dataclasses.asdict(plan), "model": args.model,
+                                        "results": results}, indent=1, default=str))
+    return 0 if all(s["failed"] == 0 for s in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
