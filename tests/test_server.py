@@ -566,7 +566,7 @@ def test_engine_failure_health_503_and_500():
     from jvt.server.metrics import ServerMetrics
 
     engines = []
-    bridge = EngineBridge(lambda: engines.append(_StandInEngine()) or engines[0], max_pending=8)
+    bridge = EngineBridge(lambda: engines.append(_StandInEngine()) or engines[0], max_queue=4)
     bridge.start()
     app = create_app(bridge, served_names=["stand-in"], root="stand-in",
                      metrics=ServerMetrics("stand-in", lambda: bridge.stats))

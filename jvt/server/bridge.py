@@ -75,14 +75,16 @@ class EngineBridge:
     """Owns an Engine on a thread of its own; the asyncio side talks to it through this.
 
     make_engine: builds the Engine (called on the engine thread, so that thread alone ever
-      touches it). max_pending: most unfinished requests (running + waiting) at once; a
-      submission beyond it raises QueueFullError. on_finish: called on the engine thread with
-      each finished request's RequestOutput (metrics).
+      touches it). max_queue: unfinished requests allowed beyond the engine's max_num_seqs;
+      ``max_pending`` (their sum) bounds the unfinished requests, and a submission beyond it
+      raises QueueFullError. on_finish: called on the engine thread with each finished
+      request's RequestOutput (metrics).
     """
 
-    def __init__(self, make_engine: Callable[[], Any], *, max_pending: int,
+    def __init__(self, make_engine: Callable[[], Any], *, max_queue: int,
                  on_finish: Callable[[RequestOutput], None] | None = None):
-        self.max_pending = max_pending
+        self.max_queue = max_queue
+        self.max_pending = 0  # set by start()
         self._make_engine = make_engine
         self._on_finish = on_finish
         self._commands: queue.SimpleQueue = queue.SimpleQueue()  # put() is signal-safe
@@ -103,6 +105,7 @@ class EngineBridge:
         engine = self._ready.result()
         self.tokenizer, self.config = engine.tokenizer, engine.config
         self.model_config = engine.model.config
+        self.max_pending = engine.config.max_num_seqs + self.max_queue
 
     @property
     def alive(self) -> bool:

@@ -105,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
     names = args.served_model_name or [args.model]
     bridge = None
     metrics = ServerMetrics(names[0], lambda: bridge.stats)
-    bridge = EngineBridge(lambda: jvt.Engine(args.model, **opts),
-                          max_pending=config.max_num_seqs + max_queue, on_finish=metrics.observe)
+    bridge = EngineBridge(lambda: jvt.Engine(args.model, **opts), max_queue=max_queue,
+                          on_finish=metrics.observe)
     t0 = time.perf_counter()
     try:
         bridge.start()
@@ -114,9 +114,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.getLogger("jvt.server").info(
-        "engine ready in %.1f s (%s, max_model_len %d, %d slots, queue %d)",
-        time.perf_counter() - t0, args.model, config.max_model_len, config.max_num_seqs,
-        max_queue)
+        "engine ready in %.1f s (%s, max_model_len %d, %d slots, up to %d unfinished requests)",
+        time.perf_counter() - t0, args.model, bridge.config.max_model_len,
+        bridge.config.max_num_seqs, bridge.max_pending)
     app = create_app(bridge, served_names=names, root=args.model, metrics=metrics,
                      api_key=args.api_key)
     try:
