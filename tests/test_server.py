@@ -439,6 +439,23 @@ def test_concurrent_streams_with_disconnects(server, http):
     assert metric(http.get("/metrics").text, "jvt:kv_cache_usage_perc", **lab) == 0.0
 
 
+def test_nonstreamed_request_aborted_when_client_leaves(server, http):
+    lab = {"model_name": "tiny", "finished_reason": "abort"}
+    before = metric(http.get("/metrics").text, "jvt:request_success_total", **lab)
+    with httpx.Client(base_url=server.url, headers=server.headers,
+                      timeout=httpx.Timeout(0.3, connect=5.0)) as impatient, \
+            pytest.raises(httpx.ReadTimeout):
+        impatient.post("/v1/completions", json={**COMPLETION, "max_tokens": None,
+                                                "ignore_eos": True})
+    left = time.monotonic()
+    while time.monotonic() - left < 10:
+        aborted = metric(http.get("/metrics").text, "jvt:request_success_total", **lab) - before
+        if aborted:
+            break
+        time.sleep(0.02)
+    assert aborted == 1 and time.monotonic() - left < 2.0
+
+
 # -- a small server: queueing, 503, shutdown -----------------------------------------------
 
 def test_queue_full_503_and_role_chunk_waits_for_first_token():
