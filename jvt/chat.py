@@ -13,6 +13,11 @@ import time
 from jvt.session import Session
 from jvt.types import SamplingParams
 
+# Engine options of a one-person chat: one sequence, few step shapes (each compiles, or loads
+# from the compilation cache, at start-up): decode (1, 1) and prefill buckets of 16/64/256.
+CHAT_ENGINE = {"max_num_seqs": 1, "max_num_batched_tokens": 256, "token_buckets": (16, 64, 256),
+               "seq_buckets": (1,), "prefill_chunk": 256}
+
 
 def repl(session: Session, params: SamplingParams) -> None:
     """Chat on stdin/stdout until end of input or Ctrl-C."""

@@ -6,8 +6,9 @@ function of that list that merges the module back inside the trace. So a step's 
 flattens a list, never NNX Variables (nnx.jit or passing the Module to jax.jit costs 5-150x
 the host time per call). Weights are never donated.
 
-Every step shape (T, S) of EngineConfig.step_shapes is compiled ahead of time by ``warmup()``,
-twice: with and without the sort that top-k/top-p sampling needs. A step pads its plan to the
+Every step shape (T, S) of EngineConfig.step_shapes is compiled ahead of time by ``warmup()``:
+on a GPU twice, greedy-only and sampling (a static switch, see jvt.sampling.sample), on the
+CPU once (the step picks greedy or sampling on the device). A step pads its plan to the
 smallest shape that holds it (pure decode: T = S, one row per sequence), so sequences growing
 never recompile anything (the KV cache lives outside XLA). The step keeps the last sampled token of every slot on the device
 (``last_tokens`` [slots]); a decode row of step N takes its input from there, so step N can be
@@ -105,16 +106,18 @@ class Runner:
         weights, self.treedef = jax.tree.flatten(state)
         self.weights = jax.device_put(weights, device)  # flat list of arrays, flattened once
         self.last_tokens = jax.device_put(np.zeros(store.slots, np.int32), device)
-        self.compiled: dict[tuple[int, int, bool], object] = {}  # (T, S, greedy_only)
+        # greedy_only variants per shape: None = decided on the device (see sampling.sample)
+        self.variants = (None,) if device.platform == "cpu" else (True, False)
+        self.compiled: dict[tuple[int, int, bool | None], object] = {}  # (T, S, variant)
         self.num_compiles = 0
 
     def warmup(self) -> None:
         """Compile every step shape, greedy-only and sampling, so no step compiles."""
         for shape in self.shapes:
-            for greedy_only in (True, False):
+            for greedy_only in self.variants:
                 self._compile(*shape, greedy_only)
 
-    def _compile(self, t: int, s: int, greedy_only: bool):
+    def _compile(self, t: int, s: int, greedy_only: bool | None):
         key = (t, s, greedy_only)
         if key not in self.compiled:
             step = jax.jit(functools.partial(_step, t=t, s=s, greedy_only=greedy_only,
@@ -130,7 +133,8 @@ class Runner:
     def launch(self, plan: StepPlan) -> jax.Array:
         """Enqueue the step of ``plan``; returns its device results without waiting."""
         t, s = bucket(self.shapes, plan.num_tokens, len(plan.entries))
-        greedy_only = all(e.seq.params.temperature == 0 for e in plan.entries)
+        greedy_only = None if self.variants == (None,) else \
+            all(e.seq.params.temperature == 0 for e in plan.entries)
         ints, floats = jax.device_put(_to_wire(_pack(plan, t, s)), self.device)
         step = self._compile(t, s, greedy_only)
         self.last_tokens, out = step(self.weights, self.last_tokens, ints, floats)

@@ -98,19 +98,30 @@ def _sample_row(logits, temperature, top_k, top_p, min_p, seed, counter):
     return jnp.minimum(jnp.searchsorted(cdf, u, side="right"), x.shape[0] - 1)
 
 
-def sample(logits: jax.Array, p: SamplingArrays, *, greedy_only: bool = False) -> SampleResult:
+def sample(logits: jax.Array, p: SamplingArrays, *, greedy_only: bool | None = False
+           ) -> SampleResult:
     """Pick one token per row of ``logits`` [S, V] (float32) under ``p``.
 
-    greedy_only (static) skips the filtering and the draw when the caller knows no row samples;
-    a static switch rather than lax.cond, whose predicate XLA:GPU reads back on the host.
+    greedy_only True skips the filtering and the draw (the caller knows no row samples), False
+    always runs them, both static switches; None decides on the device with lax.cond. XLA:GPU
+    reads a conditional's predicate back on the host, which would stall the one-step overlap,
+    so GPU steps use the static switch; XLA:CPU evaluates it in place and saves compiling two
+    variants of every step shape.
     """
     logits = logits.astype(jnp.float32)
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if not greedy_only:
-        rows = jax.vmap(_sample_row)(logits, p.temperature, p.top_k, p.top_p, p.min_p,
-                                     p.seed, p.counter).astype(jnp.int32)
-        tokens = jnp.where(p.temperature == 0, tokens, rows)
+    if greedy_only is None:
+        tokens = jax.lax.cond(jnp.all(p.temperature == 0), lambda: tokens,
+                              lambda: _draw(logits, p, tokens))
+    elif not greedy_only:
+        tokens = _draw(logits, p, tokens)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     return SampleResult(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def _draw(logits: jax.Array, p: SamplingArrays, greedy: jax.Array) -> jax.Array:
+    rows = jax.vmap(_sample_row)(logits, p.temperature, p.top_k, p.top_p, p.min_p,
+                                 p.seed, p.counter).astype(jnp.int32)
+    return jnp.where(p.temperature == 0, greedy, rows)

@@ -105,3 +105,21 @@ def test_same_seed_same_counter_reproduces_and_counter_varies():
 def test_invalid_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_device_side_choice_equals_the_static_variants():
+    """greedy_only=None (lax.cond on the device, the CPU runner's single variant) gives the
+    tokens of greedy_only=True for all-greedy steps and of False for mixed steps."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, 50)).astype(np.float32) * 2
+    auto = jax.jit(lambda x, p: sample(x, p, greedy_only=None))
+    greedy = SamplingArrays.pack([(SamplingParams(temperature=0.0), 1, 0)] * 4, 4)
+    mixed = SamplingArrays.pack([(SamplingParams(temperature=0.0), 1, 0),
+                                 (SamplingParams(temperature=1.2, top_p=0.9), 2, 5),
+                                 (SamplingParams(temperature=0.7, top_k=5), 3, 1),
+                                 (SamplingParams(temperature=0.0), 4, 0)], 4)
+    np.testing.assert_array_equal(
+        np.asarray(auto(logits, greedy).tokens),
+        np.asarray(jax.jit(lambda x, p: sample(x, p, greedy_only=True))(logits, greedy).tokens))
+    np.testing.assert_array_equal(np.asarray(auto(logits, mixed).tokens),
+                                  np.asarray(_sample(logits, mixed).tokens))
