@@ -273,21 +273,44 @@ def table_row(name: str, s: dict) -> list:
     return row
 
 
-def compare(model: str, engine_opts: dict, plan: Plan) -> dict[str, dict]:
-    """``jvt serve`` over HTTP, then the in-process engine, on one workload."""
+def compare(model: str, engine_opts: dict, plan: Plan, repeat: int = 1) -> dict[str, dict]:
+    """``jvt serve`` over HTTP and the in-process engine on one workload, alternating
+    ``repeat`` times (both stay up; the idle one costs nothing), so that load from elsewhere on
+    the machine hits both alike. Each mode's run of median output throughput is reported, with
+    every run's throughput under "runs"."""
     import jvt
 
     reqs = make_workload(plan)
+    runs: dict[str, list[dict]] = {"jvt serve (HTTP)": [], "in-process engine": []}
     with JvtServer(model, engine_opts) as server:
-        log(f"serve: HTTP, {plan.num_prompts} requests, concurrency {plan.max_concurrency}")
-        http = bench_http(server.url, model, reqs, plan.max_concurrency)
-    log("serve: in-process engine")
-    engine = jvt.Engine(model, **engine_opts)
-    try:
-        local = bench_in_process(engine, reqs, plan.max_concurrency)
-    finally:
-        engine.close()
-    return {"jvt serve (HTTP)": http, "in-process engine": local}
+        engine = jvt.Engine(model, **engine_opts)
+        try:
+            for i in range(repeat):
+                log(f"serve: run {i + 1}/{repeat}: HTTP, {plan.num_prompts} requests, "
+                    f"concurrency {plan.max_concurrency}")
+                runs["jvt serve (HTTP)"].append(
+                    bench_http(server.url, model, reqs, plan.max_concurrency))
+                log(f"serve: run {i + 1}/{repeat}: in-process engine")
+                runs["in-process engine"].append(
+                    bench_in_process(engine, reqs, plan.max_concurrency))
+        finally:
+            engine.close()
+    results = {}
+    for name, summaries in runs.items():
+        ordered = sorted(summaries, key=lambda s: s["output_throughput"])
+        results[name] = {**ordered[(len(ordered) - 1) // 2],
+                         "runs": [s["output_throughput"] for s in summaries]}
+    return results
+
+
+def _ratio_notes(http: dict, local: dict) -> list[str]:
+    ratio = http["output_throughput"] / local["output_throughput"]
+    notes = [f"HTTP / in-process output throughput: {ratio:.3f}"]
+    if len(http["runs"]) > 1:
+        notes.append("output tok/s of every run (alternating): HTTP "
+                     f"{[round(x) for x in http['runs']]}, in-process "
+                     f"{[round(x) for x in local['runs']]}")
+    return notes
 
 
 def _device() -> str:
@@ -310,15 +333,14 @@ GPU = ("llama-3.2-1b", {"max_num_seqs": 64, "max_model_len": 2048, "device": "cu
 def run(report: Report, smoke: bool) -> None:
     """bench/run.py part: HTTP vs in-process at concurrency 16 (4 in the smoke run)."""
     model, opts, plan = SMOKE if smoke else (GPU if _device() == "cuda" else CPU)
-    results = compare(model, opts, plan)
+    results = compare(model, opts, plan, repeat=1 if smoke else 2)
     t = report.table(f"Serving: jvt serve over HTTP vs the in-process engine ({model}, "
                      f"{plan.dataset}, {plan.num_prompts} requests, concurrency "
                      f"{plan.max_concurrency})", COLUMNS)
     for name, summary in results.items():
         t.add(*table_row(name, summary))
     http, local = results["jvt serve (HTTP)"], results["in-process engine"]
-    t.notes.append(f"HTTP / in-process output throughput: "
-                   f"{http['output_throughput'] / local['output_throughput']:.3f}")
+    t.notes += _ratio_notes(http, local)
     report.headline_row("serve", f"output tok/s at concurrency {plan.max_concurrency}",
                         http["output_throughput"], "in-process engine",
                         local["output_throughput"], higher_is_better=True)
@@ -345,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-len", type=int, default=128,
                     help="random: output length; sharegpt: the longest output")
     ap.add_argument("--workload-seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="without --url: alternate HTTP and in-process runs this many times")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     add_engine_arguments(ap)
     args = ap.parse_args(argv)
@@ -354,15 +378,13 @@ def main(argv: list[str] | None = None) -> int:
         results = {args.url: bench_http(args.url, args.model, make_workload(plan),
                                         plan.max_concurrency, args.api_key)}
     else:
-        results = compare(args.model, engine_options(args), plan)
+        results = compare(args.model, engine_options(args), plan, args.repeat)
     table = Table(f"{args.model}, {plan.dataset}, {plan.num_prompts} requests, rate "
                   f"{plan.request_rate}/s, concurrency {plan.max_concurrency}", COLUMNS)
     for name, summary in results.items():
         table.add(*table_row(name, summary))
     if len(results) == 2:
-        http, local = results.values()
-        table.notes.append(f"HTTP / in-process output throughput: "
-                           f"{http['output_throughput'] / local['output_throughput']:.3f}")
+        table.notes += _ratio_notes(*results.values())
     print(table.markdown(), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

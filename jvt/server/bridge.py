@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from jvt.types import RequestOutput, SamplingParams, StreamDelta
 
 log = logging.getLogger("jvt.server")
+STATS_INTERVAL_S = 0.1  # how often a busy engine thread refreshes its engine.stats() snapshot
 
 Prompt = str | list[int]
 
@@ -179,6 +181,7 @@ class EngineBridge:
                 log.exception("engine.close() failed")
 
     def _loop(self, engine, active: dict) -> None:
+        stats_time = 0.0
         while True:
             for kind, arg in self._take_commands(block=not engine.has_unfinished()):
                 if kind == "add":
@@ -205,15 +208,17 @@ class EngineBridge:
             if engine.has_unfinished():
                 engine.step()
             self._publish(engine, active)
-            self.stats = engine.stats()
+            now = time.monotonic()
+            # A fresh snapshot before the thread blocks (idle), else a few per second are
+            # plenty for the gauges (engine.stats() walks every slot).
+            if now - stats_time >= STATS_INTERVAL_S or not engine.has_unfinished():
+                self.stats, stats_time = engine.stats(), now
 
     def _take_commands(self, block: bool) -> list[tuple[str, Any]]:
         cmds = [self._commands.get()] if block else []
-        while True:
-            try:
-                cmds.append(self._commands.get_nowait())
-            except queue.Empty:
-                return cmds
+        while not self._commands.empty():
+            cmds.append(self._commands.get_nowait())
+        return cmds
 
     def _add(self, engine, active: dict, sub: Submission) -> None:
         for i, (prompt, params) in enumerate(sub.items):
