@@ -71,22 +71,24 @@ inline bool ffi_dtype_to_jvt(xla::ffi::DataType t, DType* out) {
   }
 }
 
-// Host-side part shared by both handlers: find the store, check that it lives where the
-// handler runs (device -1: the host handler; N >= 0: the CUDA handler on device N), check every
+// Host-side part shared by both handlers: find the store (store_id names a store, or a
+// tensor-parallel group whose member for XLA's device `ordinal` is used), check that it lives
+// where the handler runs (device -1: the host handler; N >= 0: the CUDA handler on device N), check every
 // buffer's shape and dtype against it and the layer attribute, map pending extensions
 // (apply_pending), fill *params. Never reads device buffers. Returns an InvalidArgument error
 // naming what was wrong.
 inline xla::ffi::Error prepare_attention(
     xla::ffi::AnyBuffer q, xla::ffi::AnyBuffer k, xla::ffi::AnyBuffer v,
     xla::ffi::AnyBuffer seq_start, xla::ffi::AnyBuffer seq_slot, xla::ffi::AnyBuffer seq_len,
-    xla::ffi::AnyBuffer out, int32_t store_id, int32_t layer, float scale, int32_t device,
-    AttnParams* params) {
+    xla::ffi::AnyBuffer out, int32_t store_id, int32_t layer, float scale, int32_t ordinal,
+    int32_t device, AttnParams* params) {
   using xla::ffi::Error;
   auto fail = [](const std::string& what) {
     return Error::InvalidArgument("jvt_attention: " + what);
   };
-  std::shared_ptr<KVStore> store = find_store(store_id);
-  if (!store) return fail("unknown store_id " + std::to_string(store_id));
+  std::string why;
+  std::shared_ptr<KVStore> store = find_store_for(store_id, ordinal, &why);
+  if (!store) return fail(why);
   const KVSpec& spec = store->spec();
   if (spec.device != device) {
     auto where = [](int32_t d) { return d < 0 ? std::string("cpu") : "cuda:" + std::to_string(d); };
@@ -152,8 +154,8 @@ inline xla::ffi::Error prepare_attention(
 
 // Handlers (defined in attention_cpu.cc and cuda/attention_handler.cu). Binding:
 //   Arg q, Arg k, Arg v, Arg seq_start, Arg seq_slot, Arg seq_len, Ret out,
-//   Attr<int32_t> store_id, Attr<int32_t> layer, Attr<float> scale
-//   (+ Ctx<PlatformStream<cudaStream_t>> first on CUDA).
+//   Attr<int32_t> store_id, Attr<int32_t> layer, Attr<float> scale, Ctx<DeviceOrdinal> first
+//   (+ Ctx<PlatformStream<cudaStream_t>> and Ctx<ScratchAllocator> on CUDA).
 extern XLA_FFI_Handler* const kJvtAttentionCpu;
 #ifdef JVT_WITH_CUDA
 extern XLA_FFI_Handler* const kJvtAttentionCuda;

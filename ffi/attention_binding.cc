@@ -39,7 +39,9 @@ void bind_attention(nb::module_& m) {
   m.def(
       "attention_store_spec",
       [](int32_t store_id) -> nb::object {
-        std::shared_ptr<KVStore> store = find_store(store_id);
+        const auto members = group_members(store_id);
+        std::shared_ptr<KVStore> store =
+            find_store(members.empty() ? store_id : members.front().second);
         if (!store) return nb::none();
         const KVSpec& s = store->spec();
         nb::dict spec;
@@ -52,7 +54,9 @@ void bind_attention(nb::module_& m) {
       },
       nb::arg("store_id"),
       "The spec jvt_attention checks its operands against, for the store registered under "
-      "store_id: {layers, kv_heads, head_dim, dtype, device} (device -1: host store), or None.");
+      "store_id (for a group: its first member; all members share layers, kv_heads, head_dim "
+      "and dtype): {layers, kv_heads, head_dim, dtype, device} (device -1: host store), or "
+      "None.");
 }
 
 }  // namespace jvt

@@ -244,11 +244,12 @@ void attend(const AttnParams& p, const std::vector<Seq>& seqs) {
   for (std::thread& t : pool) t.join();
 }
 
-ffi::Error attention_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error attention_cpu(int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                          ffi::AnyBuffer seq_start, ffi::AnyBuffer seq_slot,
                          ffi::AnyBuffer seq_len, ffi::Result<ffi::AnyBuffer> out,
                          int32_t store_id, int32_t layer, float scale) {
-  std::shared_ptr<KVStore> store = find_store(store_id);
+  std::string why;
+  std::shared_ptr<KVStore> store = find_store_for(store_id, ordinal, &why);
   if (store && store->spec().device >= 0) {
     return ffi::Error::InvalidArgument(
         "jvt_attention: store " + std::to_string(store_id) +
@@ -257,7 +258,7 @@ ffi::Error attention_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   }
   AttnParams p;
   ffi::Error err = prepare_attention(q, k, v, seq_start, seq_slot, seq_len, *out, store_id,
-                                     layer, scale, /*device=*/-1, &p);
+                                     layer, scale, ordinal, /*device=*/-1, &p);
   if (err.failure()) return err;
   std::memset(p.out, 0, out->size_bytes());
   const std::vector<Seq> seqs = valid_sequences(p);
@@ -274,6 +275,7 @@ ffi::Error attention_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
 
 XLA_FFI_DEFINE_HANDLER(kAttentionCpuHandler, attention_cpu,
                        ffi::Ffi::Bind()
+                           .Ctx<ffi::DeviceOrdinal>()      // which member of a store group
                            .Arg<ffi::AnyBuffer>()          // q [T, Hq, D]
                            .Arg<ffi::AnyBuffer>()          // k [T, Hkv, D]
                            .Arg<ffi::AnyBuffer>()          // v [T, Hkv, D]

@@ -3,6 +3,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/vector.h>
 
 #include <chrono>
@@ -242,6 +243,21 @@ void bind_kv_store(nb::module_& m) {
     return nb::make_tuple(free, total);
   });
   m.def("_store_registered", [](int32_t id) { return find_store(id) != nullptr; });
+  m.def(
+      "register_group",
+      [](const std::vector<std::pair<int32_t, int32_t>>& members) {
+        try {
+          return register_group(members);
+        } catch (const std::invalid_argument& e) {
+          throw nb::value_error(e.what());
+        }
+      },
+      nb::arg("members"),
+      "Register a tensor-parallel store group from [(device ordinal, store id)]; returns its "
+      "id, which jvt_attention takes as store_id (each shard uses its device's store).");
+  m.def("unregister_group", &unregister_group, nb::arg("group_id"));
+  m.def("group_members", &group_members, nb::arg("group_id"),
+        "[(device ordinal, store id)] of a store group; [] when group_id names no group.");
 }
 
 }  // namespace jvt

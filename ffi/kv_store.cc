@@ -487,6 +487,7 @@ void KVStore::swap_in(int32_t slot, int64_t n_tokens, const void* host) {
 namespace {
 std::mutex g_registry_mu;
 std::map<int32_t, std::shared_ptr<KVStore>> g_registry;
+std::map<int32_t, std::map<int32_t, int32_t>> g_groups;  // group id -> ordinal -> store id
 int32_t g_next_id = 1;
 }  // namespace
 
@@ -510,6 +511,56 @@ std::shared_ptr<KVStore> find_store(int32_t id) {
   std::lock_guard<std::mutex> lk(g_registry_mu);
   auto it = g_registry.find(id);
   return it == g_registry.end() ? nullptr : it->second;
+}
+
+int32_t register_group(const std::vector<std::pair<int32_t, int32_t>>& ordinal_and_store) {
+  std::lock_guard<std::mutex> lk(g_registry_mu);
+  std::map<int32_t, int32_t> members;
+  for (const auto& [ordinal, store_id] : ordinal_and_store) {
+    if (g_registry.count(store_id) == 0) {
+      throw std::invalid_argument("register_group: unknown store id " +
+                                  std::to_string(store_id));
+    }
+    if (!members.emplace(ordinal, store_id).second) {
+      throw std::invalid_argument("register_group: device ordinal " + std::to_string(ordinal) +
+                                  " given twice");
+    }
+  }
+  const int32_t id = g_next_id++;
+  g_groups.emplace(id, std::move(members));
+  return id;
+}
+
+void unregister_group(int32_t id) {
+  std::lock_guard<std::mutex> lk(g_registry_mu);
+  g_groups.erase(id);
+}
+
+std::vector<std::pair<int32_t, int32_t>> group_members(int32_t id) {
+  std::lock_guard<std::mutex> lk(g_registry_mu);
+  auto group = g_groups.find(id);
+  if (group == g_groups.end()) return {};
+  return {group->second.begin(), group->second.end()};
+}
+
+std::shared_ptr<KVStore> find_store_for(int32_t id, int32_t ordinal, std::string* why) {
+  std::lock_guard<std::mutex> lk(g_registry_mu);
+  auto group = g_groups.find(id);
+  if (group != g_groups.end()) {
+    auto member = group->second.find(ordinal);
+    if (member == group->second.end()) {
+      *why = "store group " + std::to_string(id) + " has no store for device ordinal " +
+             std::to_string(ordinal);
+      return nullptr;
+    }
+    id = member->second;
+  }
+  auto it = g_registry.find(id);
+  if (it == g_registry.end()) {
+    *why = "unknown store_id " + std::to_string(id);
+    return nullptr;
+  }
+  return it->second;
 }
 
 #ifndef JVT_WITH_CUDA

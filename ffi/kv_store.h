@@ -15,6 +15,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace jvt {
@@ -76,6 +77,18 @@ class KVStore;
 int32_t register_store(std::shared_ptr<KVStore> store);
 void unregister_store(int32_t id);
 std::shared_ptr<KVStore> find_store(int32_t id);  // nullptr when unknown
+
+// A tensor-parallel group: one registered store per device, keyed by the device ordinal XLA
+// runs a shard on. Group ids come from the same counter as store ids, so an id names either a
+// store or a group. register_group throws std::invalid_argument for an unknown member id or a
+// repeated ordinal.
+int32_t register_group(const std::vector<std::pair<int32_t, int32_t>>& ordinal_and_store);
+void unregister_group(int32_t id);
+// The (ordinal, store id) members of group `id`, in ordinal order; empty when id is no group.
+std::vector<std::pair<int32_t, int32_t>> group_members(int32_t id);
+// The store `id` names for a handler running on device `ordinal`: the store itself, or the
+// group's member for that ordinal; nullptr when there is none (*why says which).
+std::shared_ptr<KVStore> find_store_for(int32_t id, int32_t ordinal, std::string* why);
 
 class KVStore {
  public:

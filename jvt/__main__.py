@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default="smollm2-135m",
                         help="model name, GGUF file, checkpoint directory or preset")
         sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+        sp.add_argument("--tensor-parallel", type=int, default=1,
+                        help="split the model over this many devices (docs/scaling.md)")
         sp.add_argument("--dtype", default=None,
                         help="bfloat16, float16 or float32 (default: the model's; bf16 on CUDA)")
         sp.add_argument("--max-model-len", type=int, default=None,
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                                     top_k=args.top_k, max_tokens=args.max_tokens,
                                     seed=args.seed)
         engine = jvt.Engine(args.model, device=args.device, dtype=args.dtype,
+                            tensor_parallel=args.tensor_parallel,
                             max_model_len=args.max_model_len, **options)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,6 +23,8 @@ PREEMPTION_MODES = ("swap", "recompute")
 class EngineConfig:
     """Engine limits and policies (pass them as keyword arguments to ``jvt.Engine``).
 
+    tensor_parallel: devices the model is split over (Megatron-style, jvt.parallel): "cuda"
+      or "cuda:K" with N > 1 uses GPUs K..K+N-1; "cpu" uses the first N CPU devices.
     max_num_seqs: KV slots, i.e. sequences resident at once (running or retained).
     max_model_len: prompt + generated tokens of one sequence (the per-slot capacity); None:
       the model's max_position_embeddings, capped so that one sequence's KV fits the KV
@@ -54,6 +56,7 @@ class EngineConfig:
       engine of a process that enables it sets the directory.
     """
 
+    tensor_parallel: int = 1
     max_num_seqs: int = 16
     max_model_len: int | None = None
     max_num_batched_tokens: int = 512
@@ -72,7 +75,8 @@ class EngineConfig:
     compilation_cache_dir: str | None = None
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk"):
+        for name in ("tensor_parallel", "max_num_seqs", "max_num_batched_tokens",
+                     "prefill_chunk"):
             _positive_int(name, getattr(self, name))
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)

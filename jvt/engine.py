@@ -13,21 +13,18 @@ import math
 import time
 from collections.abc import Iterator
 
-import numpy as np
 from tqdm import tqdm
 
-from jvt import models
+from jvt import memory, models, parallel
 from jvt.config import make_config
 from jvt.detokenize import IncrementalDetokenizer
-from jvt.kv import KVStore
-from jvt.platform import enable_compilation_cache, host_kv_cap, jax_device
+from jvt.platform import enable_compilation_cache, jax_devices
 from jvt.runner import Runner
 from jvt.scheduler import Scheduler, Sequence, Status
 from jvt.session import Session
 from jvt.types import Logprob, RequestMetrics, RequestOutput, SamplingParams, StreamDelta
 
 Prompt = str | list[int]
-_GRANULARITY = 2 << 20  # physical allocation granularity the default budget is rounded to
 
 
 class Request:
@@ -76,56 +73,54 @@ class Engine:
 
     def __init__(self, model: str | models.Model = models.DEFAULT_MODEL, **config):
         cfg = make_config(**config)
-        self.device = jax_device(cfg.device, cfg.xla_mem_fraction)
+        self.devices = jax_devices(cfg.device, cfg.tensor_parallel, cfg.xla_mem_fraction)
+        self.device = self.devices[0]
         if cfg.compilation_cache:  # before the first compilation (loading compiles too)
             enable_compilation_cache(cfg.compilation_cache_dir)
-        if isinstance(model, models.Model):
-            if cfg.dtype not in (None, model.config.dtype):
-                raise ValueError(f"dtype={cfg.dtype!r} differs from the loaded model's "
-                                 f"{model.config.dtype!r}; load the model with that dtype")
-            self.model = model
-        elif isinstance(model, str):
-            dtype = cfg.dtype
-            if dtype is None and cfg.device != "cpu" and \
-                    models.read_config(model).dtype == "float32":
-                dtype = "bfloat16"  # the CUDA kernels run half precision
-            self.model = models.load(model, dtype=dtype)
-        else:
-            raise ValueError(f"model must be a preset name, a checkpoint directory or a "
-                             f"jvt.models.Model, got {type(model).__name__}")
+        self.model = self._load(model, cfg)
         mc = self.model.config
         if cfg.device != "cpu" and mc.dtype == "float32":
             raise ValueError("the CUDA attention kernels support bfloat16 and float16, and this "
                              "model is float32: pass dtype='bfloat16' (or load it so)")
+        parallel.check(mc, cfg.tensor_parallel, len(self.devices))
         self.tokenizer = self.model.tokenizer
-        token_bytes = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * \
-            np.dtype(mc.jnp_dtype).itemsize
-        chunk = math.lcm(_GRANULARITY, token_bytes)
-        cap = cfg.kv_budget_bytes or (host_kv_cap() if cfg.device == "cpu" else None)
-        max_len = cfg.max_model_len or _default_max_model_len(mc, token_bytes, chunk, cap)
-        if max_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len={max_len} exceeds the model's "
-                             f"max_position_embeddings ({mc.max_position_embeddings})")
-        self.config = cfg = dataclasses.replace(cfg, max_model_len=max_len)
-        budget = cfg.max_num_seqs * chunk * math.ceil(max_len * token_bytes / chunk)
-        budget = cfg.kv_budget_bytes or (budget if cap is None else min(budget, cap))
-        store_device = "cpu" if cfg.device == "cpu" else f"cuda:{self.device.id}"
-        self.store = KVStore(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype,
-                             cfg.max_num_seqs, cfg.max_model_len, budget, store_device)
+        kv = memory.plan(mc, tensor_parallel=cfg.tensor_parallel, max_num_seqs=cfg.max_num_seqs,
+                         max_model_len=cfg.max_model_len, kv_budget_bytes=cfg.kv_budget_bytes,
+                         host=cfg.device == "cpu")
+        self.config = cfg = dataclasses.replace(cfg, max_model_len=kv.max_model_len)
+        self.store = memory.make_store(mc, kv, cfg.max_num_seqs, self.devices)
         self.scheduler = Scheduler(
             self.store, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, prefill_chunk=cfg.prefill_chunk,
             max_model_len=cfg.max_model_len, enable_prefix_sharing=cfg.enable_prefix_sharing,
             preemption_mode=cfg.preemption_mode, swap_space_bytes=cfg.swap_space_bytes,
             wait_device=self._wait_device)
-        self.runner = Runner(self.model.module, self.store, shapes=cfg.step_shapes,
-                             device=self.device)
+        module = self.model.module
+        if cfg.tensor_parallel > mc.num_kv_heads:
+            module = parallel.expand_kv_heads(module, cfg.tensor_parallel)
+        self.runner = Runner(module, self.store, shapes=cfg.step_shapes, devices=self.devices)
         self.runner.warmup()
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._step_id = -1
         self._inflight = None  # (step id, plan, device results) of the step not yet read back
         self._stalled = 0  # consecutive idle steps with work queued
+
+    @staticmethod
+    def _load(model, cfg) -> models.Model:
+        if isinstance(model, models.Model):
+            if cfg.dtype not in (None, model.config.dtype):
+                raise ValueError(f"dtype={cfg.dtype!r} differs from the loaded model's "
+                                 f"{model.config.dtype!r}; load the model with that dtype")
+            return model
+        if not isinstance(model, str):
+            raise ValueError(f"model must be a model name, a preset name, a checkpoint "
+                             f"directory or GGUF file, or a jvt.models.Model, got "
+                             f"{type(model).__name__}")
+        dtype = cfg.dtype
+        if dtype is None and cfg.device != "cpu" and models.read_config(model).dtype == "float32":
+            dtype = "bfloat16"  # the CUDA kernels run half precision
+        return models.load(model, dtype=dtype)
 
     # -- public API ----------------------------------------------------------------------
 
@@ -241,7 +236,8 @@ class Engine:
 
     def stats(self) -> dict:
         """KV memory (mapped vs used bytes, chunks), slots, queue lengths, preemptions and the
-        host bytes held by swapped-out sequences."""
+        host bytes held by swapped-out sequences. Under tensor parallelism the KV figures are
+        sums over the devices and "kv_per_device" lists each device's own."""
         kv = self.store.stats()
         sched = self.scheduler
         used = sum(s.kv_valid for s in sched.running) + sum(len(r.tokens)
@@ -266,7 +262,16 @@ class Engine:
             "swaps": sched.num_swaps,
             "swapped_bytes": sched.swapped_bytes,
             "compiles": self.runner.num_compiles,
+            "tensor_parallel": self.config.tensor_parallel,
+            "kv_per_device": self._device_kv_stats(used),
         }
+
+    def _device_kv_stats(self, used_tokens: int) -> list[dict]:
+        stores = getattr(self.store, "stores", [self.store])
+        return [{"device": str(d), "kv_mapped_bytes": st.mapped_bytes,
+                 "kv_used_bytes": used_tokens * s.token_bytes, "chunks_in_use": st.chunks_in_use,
+                 "chunks_created": st.chunks_created}
+                for d, s, st in zip(self.devices, stores, (s.stats() for s in stores))]
 
     def close(self) -> None:
         """Abort unfinished requests, wait for the device, and free the KV store."""
@@ -438,16 +443,3 @@ class Engine:
 def _is_token_list(x) -> bool:
     return isinstance(x, list) and bool(x) and all(
         isinstance(t, int) and not isinstance(t, bool) for t in x)
-
-
-def _default_max_model_len(mc, token_bytes: int, chunk: int, cap: int | None) -> int:
-    """The model's context length, capped so that one sequence's KV fits `cap` bytes (whole
-    chunks), as vLLM caps max_model_len by the KV cache it can allocate."""
-    if cap is None:
-        return mc.max_position_embeddings
-    fits = (cap // chunk) * (chunk // token_bytes) if chunk % token_bytes == 0 else \
-        cap // token_bytes
-    if fits < 2:
-        raise ValueError(f"the KV budget ({cap} bytes) holds less than two tokens of this "
-                         f"model ({token_bytes} bytes each): raise kv_budget_bytes")
-    return min(mc.max_position_embeddings, fits)

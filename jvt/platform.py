@@ -13,11 +13,17 @@ from jvt.models.cache import cache_root
 HOST_KV_FRACTION = 0.25  # default cap of a host (CPU) store's physical KV: a quarter of RAM
 
 
-def jax_device(device: str, xla_mem_fraction: float) -> jax.Device:
-    """The jax.Device of "cpu", "cuda" or "cuda:N" (ValueError when absent). On CUDA, caps
-    XLA's pool at xla_mem_fraction before JAX initialises (the KV chunks live outside it)."""
+def jax_devices(device: str, count: int, xla_mem_fraction: float) -> list[jax.Device]:
+    """`count` jax.Devices from "cpu", "cuda" or "cuda:N" on (ValueError when too few). On
+    CUDA, caps XLA's pool at xla_mem_fraction before JAX initialises (the KV chunks live
+    outside it)."""
     if device == "cpu":
-        return jax.devices("cpu")[0]
+        cpus = jax.devices("cpu")
+        if count > len(cpus):
+            raise ValueError(f"tensor_parallel={count} needs {count} CPU devices, JAX has "
+                             f"{len(cpus)} (set XLA_FLAGS=--xla_force_host_platform_device_"
+                             f"count={count} before JAX starts)")
+        return cpus[:count]
     from jax._src import xla_bridge
 
     if not getattr(xla_bridge, "backends_are_initialized", lambda: True)():
@@ -32,9 +38,10 @@ def jax_device(device: str, xla_mem_fraction: float) -> jax.Device:
         gpus = jax.devices("gpu")
     except RuntimeError:
         gpus = []
-    if index >= len(gpus):
-        raise ValueError(f"device={device!r} but JAX sees {len(gpus)} GPU(s)")
-    return gpus[index]
+    if index + count > len(gpus):
+        raise ValueError(f"device={device!r} with tensor_parallel={count} needs GPUs "
+                         f"{index}..{index + count - 1}, but JAX sees {len(gpus)} GPU(s)")
+    return gpus[index:index + count]
 
 
 def enable_compilation_cache(directory: str | None) -> str:

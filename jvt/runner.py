@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jvt import parallel
 from jvt.config import bucket
 from jvt.sampling import SampleResult, SamplingArrays, sample
 from jvt.scheduler import StepPlan
@@ -70,16 +71,20 @@ def _from_wire(ints: jax.Array, floats: jax.Array, t: int, s: int) -> StepInputs
 
 
 def _step(weights, last_tokens, ints, floats, *, t, s, greedy_only, graphdef, treedef,
-          store_id):
+          store_id, tensor_parallel, split_vocab):
     """One engine step: returns the new last_tokens and [S, 2 + 2K] float32 results (token id
-    and top ids bit-cast), read back in one transfer. weights: the module's flat state."""
+    and top ids bit-cast), read back in one transfer. weights: the module's flat state (one
+    device's shards under tensor parallelism, where this runs inside shard_map)."""
     module = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
     inputs = _from_wire(ints, floats, t, s)
     prev = last_tokens[jnp.maximum(inputs.prev_slot, 0)]
     tokens = jnp.where(inputs.prev_slot >= 0, prev, inputs.tokens)
-    hidden = module(tokens, inputs.meta, store_id=store_id)
+    reduce = parallel.all_reduce if tensor_parallel else (lambda x: x)
+    hidden = module(tokens, inputs.meta, store_id=store_id, reduce=reduce)
     last_rows = jnp.maximum(inputs.meta.seq_start[1:] - 1, 0)  # [S] each entry's last row
     logits = module.logits(hidden[last_rows])
+    if split_vocab:
+        logits = parallel.gather_vocab(logits)
     r = sample(logits, inputs.sampling, greedy_only=greedy_only)
     slots = last_tokens.shape[0]
     target = jnp.where(inputs.keep, inputs.meta.seq_slot, slots)  # out of range: dropped
@@ -94,20 +99,31 @@ class Runner:
     """Owns the compiled step functions, the device copy of the weights and last_tokens.
 
     Args:
-      module: the model's NNX module (jvt.models.Model.module). store: its KV store.
-      shapes: the sorted (T, S) step shapes (EngineConfig.step_shapes). device: a jax.Device.
+      module: the model's NNX module (jvt.models.Model.module). store: its KV store (a
+        KVStoreGroup under tensor parallelism).
+      shapes: the sorted (T, S) step shapes (EngineConfig.step_shapes).
+      devices: the jax.Devices to run on: one, or the tensor-parallel mesh's (jvt.parallel).
     """
 
-    def __init__(self, module, store, *, shapes, device):
+    def __init__(self, module, store, *, shapes, devices):
         self.store = store
-        self.device = device
         self.shapes = sorted(shapes)
         self.graphdef, state = nnx.split(module)
         weights, self.treedef = jax.tree.flatten(state)
-        self.weights = jax.device_put(weights, device)  # flat list of arrays, flattened once
-        self.last_tokens = jax.device_put(np.zeros(store.slots, np.int32), device)
+        self.tensor_parallel = len(devices)
+        self.split_vocab = parallel.vocab_split(module.config, self.tensor_parallel)
+        if self.tensor_parallel > 1:
+            self.mesh = parallel.make_mesh(devices)
+            self.specs = parallel.weight_specs(module, self.tensor_parallel)
+            self.weights = parallel.place(weights, self.specs, self.mesh)
+            self.inputs_sharding = parallel.replicated(self.mesh)
+        else:
+            self.mesh, self.specs, self.inputs_sharding = None, None, devices[0]
+            self.weights = jax.device_put(weights, devices[0])  # flat list, flattened once
+        self.last_tokens = jax.device_put(np.zeros(store.slots, np.int32),
+                                          self.inputs_sharding)
         # greedy_only variants per shape: None = decided on the device (see sampling.sample)
-        self.variants = (None,) if device.platform == "cpu" else (True, False)
+        self.variants = (None,) if devices[0].platform == "cpu" else (True, False)
         self.compiled: dict[tuple[int, int, bool | None], object] = {}  # (T, S, variant)
         self.num_compiles = 0
 
@@ -120,11 +136,15 @@ class Runner:
     def _compile(self, t: int, s: int, greedy_only: bool | None):
         key = (t, s, greedy_only)
         if key not in self.compiled:
-            step = jax.jit(functools.partial(_step, t=t, s=s, greedy_only=greedy_only,
-                                             graphdef=self.graphdef, treedef=self.treedef,
-                                             store_id=self.store.store_id),
-                           donate_argnums=1)
-            ints, floats = _to_wire(_pack(None, t, s))
+            fn = functools.partial(_step, t=t, s=s, greedy_only=greedy_only,
+                                   graphdef=self.graphdef, treedef=self.treedef,
+                                   store_id=self.store.store_id,
+                                   tensor_parallel=self.mesh is not None,
+                                   split_vocab=self.split_vocab)
+            if self.mesh is not None:
+                fn = parallel.shard_step(fn, self.mesh, self.specs, num_replicated=3)
+            step = jax.jit(fn, donate_argnums=1)
+            ints, floats = jax.device_put(_to_wire(_pack(None, t, s)), self.inputs_sharding)
             self.compiled[key] = step.lower(self.weights, self.last_tokens, ints,
                                             floats).compile()
             self.num_compiles += 1
@@ -135,7 +155,7 @@ class Runner:
         t, s = bucket(self.shapes, plan.num_tokens, len(plan.entries))
         greedy_only = None if self.variants == (None,) else \
             all(e.seq.params.temperature == 0 for e in plan.entries)
-        ints, floats = jax.device_put(_to_wire(_pack(plan, t, s)), self.device)
+        ints, floats = jax.device_put(_to_wire(_pack(plan, t, s)), self.inputs_sharding)
         step = self._compile(t, s, greedy_only)
         self.last_tokens, out = step(self.weights, self.last_tokens, ints, floats)
         return out

@@ -159,8 +159,9 @@ ffi::Error dispatch_head_dim(const AttnParams& p, ffi::ScratchAllocator& scratch
   return dispatch_heads<T, 128>(p, scratch, stream);
 }
 
-ffi::Error attention_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
-                          ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer seq_start,
+ffi::Error attention_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_t ordinal,
+                          ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                          ffi::AnyBuffer seq_start,
                           ffi::AnyBuffer seq_slot, ffi::AnyBuffer seq_len,
                           ffi::Result<ffi::AnyBuffer> out, int32_t store_id, int32_t layer,
                           float scale) {
@@ -171,7 +172,7 @@ ffi::Error attention_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ff
   }
   AttnParams p;
   if (ffi::Error err = prepare_attention(q, k, v, seq_start, seq_slot, seq_len, *out, store_id,
-                                         layer, scale, device, &p);
+                                         layer, scale, ordinal, device, &p);
       err.failure()) {
     return err;
   }
@@ -197,6 +198,7 @@ XLA_FFI_DEFINE_HANDLER(kHandler, attention_cuda,
                        ffi::Ffi::Bind()
                            .Ctx<ffi::PlatformStream<cudaStream_t>>()  // XLA's compute stream
                            .Ctx<ffi::ScratchAllocator>()  // seq_ok and split partials
+                           .Ctx<ffi::DeviceOrdinal>()     // which member of a store group
                            .Arg<ffi::AnyBuffer>()         // q [T, Hq, D]
                            .Arg<ffi::AnyBuffer>()         // k [T, Hkv, D]
                            .Arg<ffi::AnyBuffer>()         // v [T, Hkv, D]
