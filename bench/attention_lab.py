@@ -81,6 +81,7 @@ def main() -> None:
         with make_store(batch, length) as store:
             for s in range(batch):
                 store.reserve(s, length)
+            store.apply_pending()
             meta = meta_of(np.arange(batch + 1), [length] * batch)
             sec = time_op(store, batch, meta, args.iters)
         kv_bytes = batch * length * KV_HEADS * HEAD_DIM * 2 * 2
@@ -91,6 +92,7 @@ def main() -> None:
     for tokens in PREFILL:
         with make_store(1, tokens) as store:
             store.reserve(0, tokens)
+            store.apply_pending()
             sec = time_op(store, tokens, meta_of([0, tokens], [tokens]), max(args.iters // 5, 2))
         flops = 4 * Q_HEADS * HEAD_DIM * tokens * (tokens + 1) / 2
         print(f"{'prefill':<9}{tokens:>14}{sec * 1e3:>10.3f}{flops / sec / 1e12:>9.1f}")

@@ -6,8 +6,8 @@ fresh KV store in three modes; all B sequences have the same length, so every
 once, the worst burst):
 - ahead:    every slot reserved for the whole run beforehand: no step maps anything;
 - inline:   reserve(slot, len + 1) right before each step: the background mapper races the
-            step's dispatch and the handler's apply_pending() maps what is left on the
-            critical path;
+            step's dispatch and apply_pending() (the engine's, before dispatch) maps what is
+            left on the critical path;
 - prefetch: reserve(slot, len + 2) right after dispatching each step, so the mapper maps the
             next step's chunks while the device runs this one (how the engine reserves).
 Each step is timed dispatch -> tokens on host. "boundary" steps are those whose new tokens
@@ -95,6 +95,7 @@ def run_mode(cfg, module, mode: str, batch: int, start_len: int, steps: int) -> 
                     store.reserve(s, int(lengths[s]))
             m = meta(lengths, 1)
             t0 = time.perf_counter()
+            store.apply_pending()  # as the runner does before every dispatch
             out = step(tokens, m)
             if mode == "prefetch":
                 for s in range(batch):

@@ -75,13 +75,14 @@ inline bool ffi_dtype_to_jvt(xla::ffi::DataType t, DType* out) {
 // tensor-parallel group whose member for XLA's device `ordinal` is used), check that it lives
 // where the handler runs (device -1: the host handler; N >= 0: the CUDA handler on device N), check every
 // buffer's shape and dtype against it and the layer attribute, map pending extensions
-// (apply_pending), fill *params. Never reads device buffers. Returns an InvalidArgument error
+// (apply_pending) when map_pending (the host handler; the CUDA handler leaves that to the
+// engine, before dispatch, so that it does no host work under a CUDA graph), fill *params. Never reads device buffers. Returns an InvalidArgument error
 // naming what was wrong.
 inline xla::ffi::Error prepare_attention(
     xla::ffi::AnyBuffer q, xla::ffi::AnyBuffer k, xla::ffi::AnyBuffer v,
     xla::ffi::AnyBuffer seq_start, xla::ffi::AnyBuffer seq_slot, xla::ffi::AnyBuffer seq_len,
     xla::ffi::AnyBuffer out, int32_t store_id, int32_t layer, float scale, int32_t ordinal,
-    int32_t device, AttnParams* params) {
+    int32_t device, bool map_pending, AttnParams* params) {
   using xla::ffi::Error;
   auto fail = [](const std::string& what) {
     return Error::InvalidArgument("jvt_attention: " + what);
@@ -133,7 +134,7 @@ inline xla::ffi::Error prepare_attention(
   }
   // A failed mapping (driver or OS error) must not unwind through XLA's C frames.
   try {
-    store->apply_pending();
+    if (map_pending) store->apply_pending();
   } catch (const std::exception& e) {
     return Error::Internal(std::string("jvt_attention: mapping pending KV chunks failed: ") +
                            e.what());
@@ -155,10 +156,15 @@ inline xla::ffi::Error prepare_attention(
 // Handlers (defined in attention_cpu.cc and cuda/attention_handler.cu). Binding:
 //   Arg q, Arg k, Arg v, Arg seq_start, Arg seq_slot, Arg seq_len, Ret out,
 //   Attr<int32_t> store_id, Attr<int32_t> layer, Attr<float> scale, Ctx<DeviceOrdinal> first
-//   (+ Ctx<PlatformStream<cudaStream_t>> and Ctx<ScratchAllocator> on CUDA).
+//   (on CUDA: Ctx<PlatformStream<cudaStream_t>> before it, and a second result, the u8
+//   workspace of attention_workspace_bytes).
 extern XLA_FFI_Handler* const kJvtAttentionCpu;
 #ifdef JVT_WITH_CUDA
 extern XLA_FFI_Handler* const kJvtAttentionCuda;
+// Bytes of the CUDA handler's workspace result for a call of these static shapes (throws
+// std::invalid_argument for shapes the kernels do not support).
+int64_t attention_workspace_bytes(int64_t rows, int64_t seqs, int32_t q_heads, int32_t kv_heads,
+                                  int32_t head_dim, DType dtype);
 #endif
 
 }  // namespace jvt

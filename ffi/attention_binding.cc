@@ -20,6 +20,23 @@ nb::capsule handler_capsule(XLA_FFI_Handler* handler) {
 }  // namespace
 
 void bind_attention(nb::module_& m) {
+#ifdef JVT_WITH_CUDA
+  m.def(
+      "attention_workspace_bytes",
+      [](int64_t rows, int64_t seqs, int32_t q_heads, int32_t kv_heads, int32_t head_dim,
+         int32_t dtype) {
+        try {
+          return attention_workspace_bytes(rows, seqs, q_heads, kv_heads, head_dim,
+                                           static_cast<DType>(dtype));
+        } catch (const std::invalid_argument& e) {
+          throw nb::value_error(e.what());
+        }
+      },
+      nb::arg("rows"), nb::arg("seqs"), nb::arg("q_heads"), nb::arg("kv_heads"),
+      nb::arg("head_dim"), nb::arg("dtype"),
+      "Bytes of the CUDA handler's workspace result for a call of these static shapes "
+      "(dtype: 1 float16, 2 bfloat16).");
+#endif
   m.def(
       "registrations",
       []() {

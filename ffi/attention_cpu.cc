@@ -258,7 +258,8 @@ ffi::Error attention_cpu(int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
   }
   AttnParams p;
   ffi::Error err = prepare_attention(q, k, v, seq_start, seq_slot, seq_len, *out, store_id,
-                                     layer, scale, ordinal, /*device=*/-1, &p);
+                                     layer, scale, ordinal, /*device=*/-1,
+                                     /*map_pending=*/true, &p);
   if (err.failure()) return err;
   std::memset(p.out, 0, out->size_bytes());
   const std::vector<Seq> seqs = valid_sequences(p);

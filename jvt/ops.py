@@ -17,6 +17,7 @@ from jvt.types import AttnMeta
 TARGET = "jvt_attention"
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _CUDA_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_CUDA_DTYPE_CODES = {jnp.dtype(jnp.float16): 1, jnp.dtype(jnp.bfloat16): 2}  # native DType
 _CUDA_HEAD_DIMS = (64, 128)
 _CPU_MAX_HEAD_DIM = 256
 
@@ -57,7 +58,7 @@ def _store_spec(store_id: int) -> dict:
     return spec
 
 
-def _check_args(q, k, v, meta: AttnMeta, store_id, layer, scale) -> None:
+def _check_args(q, k, v, meta: AttnMeta, store_id, layer, scale) -> dict:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 3:
             raise ValueError(f"{name} must have rank 3 ([T, heads, head_dim]), got shape {x.shape}")
@@ -108,6 +109,7 @@ def _check_args(q, k, v, meta: AttnMeta, store_id, layer, scale) -> None:
         raise ValueError(f"q/k/v dtype {q.dtype} differs from store {store_id}'s {spec['dtype']}")
     if not 0 <= layer < spec["layers"]:
         raise ValueError(f"layer {layer} outside [0, {spec['layers']}) of store {store_id}")
+    return spec
 
 
 def attention(q, k, v, meta: AttnMeta, *, store_id: int, layer: int, scale: float) -> jax.Array:
@@ -126,6 +128,11 @@ def attention(q, k, v, meta: AttnMeta, *, store_id: int, layer: int, scale: floa
     slot is out of range, or whose seq_len < n_i is skipped (output 0, nothing read or written)
     and the store's error flag is set; `KVStore.check()` raises.
 
+    Mapping: the host op maps the store's pending extensions itself; the CUDA op maps nothing
+    (it does no host work, so XLA may capture it in a CUDA graph): call `store.apply_pending()`
+    after `reserve` and before dispatching (the engine's runner does), or a sequence past its
+    mapped capacity is skipped and flagged as above.
+
     Args:
       q: [T, Hq, D] queries; k, v: [T, Hkv, D] this step's keys and values; one dtype, equal
         to the store's: bfloat16, float16 or (CPU only) float32. D: 64 or 128 on CUDA, a
@@ -138,11 +145,21 @@ def attention(q, k, v, meta: AttnMeta, *, store_id: int, layer: int, scale: floa
     Returns:
       out: [T, Hq, D] in q's dtype.
     """
-    _check_args(q, k, v, meta, store_id, layer, scale)
+    spec = _check_args(q, k, v, meta, store_id, layer, scale)
     _register_targets()
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
-    return call(q, k, v, meta.seq_start, meta.seq_slot, meta.seq_len,
-                store_id=np.int32(store_id), layer=np.int32(layer), scale=np.float32(scale))
+    out = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    operands = (q, k, v, meta.seq_start, meta.seq_slot, meta.seq_len)
+    attrs = {"store_id": np.int32(store_id), "layer": np.int32(layer),
+             "scale": np.float32(scale)}
+    if spec["device"] < 0:
+        return jax.ffi.ffi_call(TARGET, out)(*operands, **attrs)
+    from jvt import _native
+
+    t, hq, d = q.shape
+    size = _native.attention_workspace_bytes(t, meta.seq_slot.shape[0], hq, k.shape[1], d,
+                                             _CUDA_DTYPE_CODES[q.dtype])
+    workspace = jax.ShapeDtypeStruct((max(size, 1),), jnp.uint8)  # XLA-owned temporaries
+    return jax.ffi.ffi_call(TARGET, (out, workspace))(*operands, **attrs)[0]
 
 
 def _row_layout(meta: AttnMeta, num_rows: int, slots: int, max_tokens: int):

@@ -157,6 +157,10 @@ class Runner:
             all(e.seq.params.temperature == 0 for e in plan.entries)
         ints, floats = jax.device_put(_to_wire(_pack(plan, t, s)), self.inputs_sharding)
         step = self._compile(t, s, greedy_only)
+        # Every chunk the step reads is mapped before it is dispatched (the CUDA handler maps
+        # nothing, so XLA can replay the step as a CUDA graph); one atomic load when the
+        # background mapper has already done it.
+        self.store.apply_pending()
         self.last_tokens, out = step(self.weights, self.last_tokens, ints, floats)
         return out
 

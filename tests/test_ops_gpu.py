@@ -123,6 +123,7 @@ class Mirror:
         meta, layout = self.batch(seqs, rows=rows, entries=entries)
         for slot, n in seqs:
             self.store.reserve(slot, self.lengths[slot] + n)
+        self.store.apply_pending()  # the CUDA op maps nothing itself
         qkv = [self.inputs(rows, dtype) for _ in self.layers]
         outs = self.fn(qkv, meta)
         for (_, k, v), layer in zip(qkv, self.layers):

@@ -1,14 +1,21 @@
-// The CUDA handler of jvt_attention: host work (validation, apply_pending, scratch, the
-// number of KV splits) from static shapes only, then launches on XLA's stream:
+// The CUDA handler of jvt_attention: host work (validation, the number of KV splits, carving
+// the workspace) from static shapes only, then launches on XLA's stream:
 // check_sequences -> append_kv -> split_kv_attention -> merge_splits (when split)
 // -> plan_prefill_tiles -> prefill_attention (when a sequence may have >= 32 new rows).
 // Host code never reads a device buffer; every per-row decision is made on the device.
+//
+// Command-buffer compatible: the host code computes the same launches from the same shapes
+// every time, maps nothing (the engine applies pending KV mappings before it dispatches a
+// step; a position beyond a slot's mapped capacity is still caught on the device by
+// check_sequences), and its temporaries live in a workspace result that XLA allocates (no
+// scratch allocation that a CUDA graph replay would outlive).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 
 #include "attention.h"
@@ -69,40 +76,56 @@ int choose_splits(int64_t ctas, int64_t resident) {
   return 1;
 }
 
-// Scratch, splits and the launches for one (dtype, head_dim, heads per CTA).
+// The plan of one call from its static shapes: KV splits and the workspace layout
+// (seq_ok [S] and tile_start [S+1] int32, then, when split, partial_o and partial_lse).
+struct CallPlan {
+  int32_t num_splits;
+  int32_t head_blocks;
+  int64_t table_bytes;    // each of the two int32 tables, rounded to 256 bytes
+  int64_t partial_bytes;  // partial outputs and log-sum-exps of the splits
+  int64_t workspace_bytes() const { return 2 * table_bytes + partial_bytes; }
+};
+
 template <typename T, int D, int HB>
-ffi::Error run_attention(const AttnParams& p, ffi::ScratchAllocator& scratch,
-                         cudaStream_t stream) {
+CallPlan plan_call(int64_t rows, int64_t seqs, int32_t q_heads, int32_t kv_heads) {
+  using C = cuda::SplitKVConfig<D, HB>;
+  // Queried once per kernel: the GPUs of one process are assumed alike.
+  static const int64_t resident =
+      resident_ctas(cuda::split_kv_attention_kernel<T, D, HB>, C::kThreads);
+  CallPlan plan{};
+  plan.head_blocks = (q_heads / kv_heads + HB - 1) / HB;
+  plan.num_splits = choose_splits(rows * kv_heads * plan.head_blocks, resident);
+  plan.table_bytes = ((seqs + 1) * 4 + 255) / 256 * 256;
+  plan.partial_bytes =
+      plan.num_splits > 1 ? plan.num_splits * rows * q_heads * (D + 1) * int64_t{sizeof(float)}
+                          : 0;
+  return plan;
+}
+
+// The launches for one (dtype, head_dim, heads per CTA).
+template <typename T, int D, int HB>
+ffi::Error run_attention(const AttnParams& p, ffi::AnyBuffer& workspace, cudaStream_t stream) {
   using C = cuda::SplitKVConfig<D, HB>;
   auto* kernel = cuda::split_kv_attention_kernel<T, D, HB>;
-  // Queried once per kernel: the GPUs of one process are assumed alike.
-  static const int64_t resident = resident_ctas(kernel, C::kThreads);
-  const int group = p.q_heads / p.kv_heads;
+  const CallPlan plan = plan_call<T, D, HB>(p.num_rows, p.num_seqs, p.q_heads, p.kv_heads);
+  if (static_cast<int64_t>(workspace.size_bytes()) < plan.workspace_bytes()) {
+    return ffi::Error::InvalidArgument(
+        "jvt_attention: workspace of " + std::to_string(workspace.size_bytes()) +
+        " bytes, the call needs " + std::to_string(plan.workspace_bytes()) +
+        " (size it with attention_workspace_bytes)");
+  }
   SplitKV sk{};
-  sk.head_blocks = (group + HB - 1) / HB;
-  sk.num_splits = choose_splits(p.num_rows * p.kv_heads * sk.head_blocks, resident);
+  sk.head_blocks = plan.head_blocks;
+  sk.num_splits = plan.num_splits;
   // The tensor-core kernel can only have work when some sequence may be long enough.
   const bool prefill = p.num_seqs > 0 && p.num_rows >= cuda::kPrefillMinRows;
   sk.prefill_min_rows = prefill ? cuda::kPrefillMinRows : INT32_MAX;
-
-  // One scratch block: seq_ok [S] and tile_start [S+1] int32, then (when split) partial_o
-  // and partial_lse.
-  const int64_t table_bytes = ((p.num_seqs + 1) * 4 + 255) / 256 * 256;
+  auto* base = static_cast<uint8_t*>(workspace.untyped_data());
+  auto* seq_ok = reinterpret_cast<int32_t*>(base);
+  auto* tile_start = reinterpret_cast<int32_t*>(base + plan.table_bytes);
   const int64_t plane = p.num_rows * p.q_heads;
-  const int64_t partial_bytes =
-      sk.num_splits > 1 ? sk.num_splits * plane * (D + 1) * int64_t{sizeof(float)} : 0;
-  const int64_t total_bytes = 2 * table_bytes + partial_bytes;
-  // 16: the largest alignment XLA's FFI allocator accepts.
-  std::optional<void*> block = scratch.Allocate(total_bytes, 16);
-  if (!block.has_value()) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                      "jvt_attention: no scratch memory for " + std::to_string(total_bytes) +
-                          " bytes");
-  }
-  auto* seq_ok = static_cast<int32_t*>(*block);
-  auto* tile_start = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(*block) + table_bytes);
   if (sk.num_splits > 1) {
-    sk.partial_o = reinterpret_cast<float*>(static_cast<uint8_t*>(*block) + 2 * table_bytes);
+    sk.partial_o = reinterpret_cast<float*>(base + 2 * plan.table_bytes);
     sk.partial_lse = sk.partial_o + sk.num_splits * plane * D;
   }
 
@@ -142,29 +165,38 @@ ffi::Error run_attention(const AttnParams& p, ffi::ScratchAllocator& scratch,
 // The one place where runtime switches (dtype, head_dim, heads per CTA) become template
 // constants.
 template <typename T, int D>
-ffi::Error dispatch_heads(const AttnParams& p, ffi::ScratchAllocator& scratch,
-                          cudaStream_t stream) {
+ffi::Error dispatch_heads(const AttnParams& p, ffi::AnyBuffer& workspace, cudaStream_t stream) {
   switch (heads_per_cta(p.q_heads / p.kv_heads)) {
-    case 1: return run_attention<T, D, 1>(p, scratch, stream);
-    case 2: return run_attention<T, D, 2>(p, scratch, stream);
-    case 4: return run_attention<T, D, 4>(p, scratch, stream);
-    default: return run_attention<T, D, 8>(p, scratch, stream);
+    case 1: return run_attention<T, D, 1>(p, workspace, stream);
+    case 2: return run_attention<T, D, 2>(p, workspace, stream);
+    case 4: return run_attention<T, D, 4>(p, workspace, stream);
+    default: return run_attention<T, D, 8>(p, workspace, stream);
+  }
+}
+
+template <typename T, int D>
+int64_t plan_bytes(int64_t rows, int64_t seqs, int32_t q_heads, int32_t kv_heads) {
+  switch (heads_per_cta(q_heads / kv_heads)) {
+    case 1: return plan_call<T, D, 1>(rows, seqs, q_heads, kv_heads).workspace_bytes();
+    case 2: return plan_call<T, D, 2>(rows, seqs, q_heads, kv_heads).workspace_bytes();
+    case 4: return plan_call<T, D, 4>(rows, seqs, q_heads, kv_heads).workspace_bytes();
+    default: return plan_call<T, D, 8>(rows, seqs, q_heads, kv_heads).workspace_bytes();
   }
 }
 
 template <typename T>
-ffi::Error dispatch_head_dim(const AttnParams& p, ffi::ScratchAllocator& scratch,
+ffi::Error dispatch_head_dim(const AttnParams& p, ffi::AnyBuffer& workspace,
                              cudaStream_t stream) {
-  if (p.head_dim == 64) return dispatch_heads<T, 64>(p, scratch, stream);
-  return dispatch_heads<T, 128>(p, scratch, stream);
+  if (p.head_dim == 64) return dispatch_heads<T, 64>(p, workspace, stream);
+  return dispatch_heads<T, 128>(p, workspace, stream);
 }
 
-ffi::Error attention_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_t ordinal,
-                          ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                          ffi::AnyBuffer seq_start,
+ffi::Error attention_cuda(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer q,
+                          ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer seq_start,
                           ffi::AnyBuffer seq_slot, ffi::AnyBuffer seq_len,
-                          ffi::Result<ffi::AnyBuffer> out, int32_t store_id, int32_t layer,
-                          float scale) {
+                          ffi::Result<ffi::AnyBuffer> out,
+                          ffi::Result<ffi::AnyBuffer> workspace, int32_t store_id,
+                          int32_t layer, float scale) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     return ffi::Error::Internal("jvt_attention: cudaGetDevice failed: " +
@@ -172,7 +204,8 @@ ffi::Error attention_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, in
   }
   AttnParams p;
   if (ffi::Error err = prepare_attention(q, k, v, seq_start, seq_slot, seq_len, *out, store_id,
-                                         layer, scale, ordinal, device, &p);
+                                         layer, scale, ordinal, device,
+                                         /*map_pending=*/false, &p);
       err.failure()) {
     return err;
   }
@@ -190,14 +223,13 @@ ffi::Error attention_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, in
     return ffi::Error::Internal("jvt_attention: buffers and the KV layout must be 16-byte aligned");
   }
   if (p.num_rows == 0) return ffi::Error::Success();
-  if (p.dtype == DType::kBF16) return dispatch_head_dim<__nv_bfloat16>(p, scratch, stream);
-  return dispatch_head_dim<__half>(p, scratch, stream);
+  if (p.dtype == DType::kBF16) return dispatch_head_dim<__nv_bfloat16>(p, *workspace, stream);
+  return dispatch_head_dim<__half>(p, *workspace, stream);
 }
 
 XLA_FFI_DEFINE_HANDLER(kHandler, attention_cuda,
                        ffi::Ffi::Bind()
                            .Ctx<ffi::PlatformStream<cudaStream_t>>()  // XLA's compute stream
-                           .Ctx<ffi::ScratchAllocator>()  // seq_ok and split partials
                            .Ctx<ffi::DeviceOrdinal>()     // which member of a store group
                            .Arg<ffi::AnyBuffer>()         // q [T, Hq, D]
                            .Arg<ffi::AnyBuffer>()         // k [T, Hkv, D]
@@ -206,12 +238,34 @@ XLA_FFI_DEFINE_HANDLER(kHandler, attention_cuda,
                            .Arg<ffi::AnyBuffer>()         // seq_slot int32 [S]
                            .Arg<ffi::AnyBuffer>()         // seq_len int32 [S]
                            .Ret<ffi::AnyBuffer>()         // out [T, Hq, D]
+                           .Ret<ffi::AnyBuffer>()         // workspace u8 [workspace bytes]
                            .Attr<int32_t>("store_id")
                            .Attr<int32_t>("layer")
-                           .Attr<float>("scale"));
+                           .Attr<float>("scale"),
+                       {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace
 
 XLA_FFI_Handler* const kJvtAttentionCuda = kHandler;
+
+int64_t attention_workspace_bytes(int64_t rows, int64_t seqs, int32_t q_heads, int32_t kv_heads,
+                                  int32_t head_dim, DType dtype) {
+  if (q_heads <= 0 || kv_heads <= 0 || q_heads % kv_heads != 0 || rows < 0 || seqs < 0) {
+    throw std::invalid_argument("attention_workspace_bytes: bad shapes");
+  }
+  if (head_dim != 64 && head_dim != 128) {
+    throw std::invalid_argument("attention_workspace_bytes: head_dim must be 64 or 128");
+  }
+  const bool bf16 = dtype == DType::kBF16;
+  if (!bf16 && dtype != DType::kF16) {
+    throw std::invalid_argument("attention_workspace_bytes: dtype must be bf16 or f16");
+  }
+  if (head_dim == 64) {
+    return bf16 ? plan_bytes<__nv_bfloat16, 64>(rows, seqs, q_heads, kv_heads)
+                : plan_bytes<__half, 64>(rows, seqs, q_heads, kv_heads);
+  }
+  return bf16 ? plan_bytes<__nv_bfloat16, 128>(rows, seqs, q_heads, kv_heads)
+              : plan_bytes<__half, 128>(rows, seqs, q_heads, kv_heads);
+}
 
 }  // namespace jvt
