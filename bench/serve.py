@@ -25,9 +25,11 @@ import dataclasses
 import json
 import math
 import os
+import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
@@ -35,6 +37,8 @@ import numpy as np
 
 from bench import workload
 from bench.common import Report, Table, log, percentile
+
+REQUEST_TIMEOUT_S = 600.0
 
 
 @dataclasses.dataclass
@@ -75,8 +79,9 @@ def make_workload(plan: Plan) -> list[workload.Request]:
                              plan.output_len) for a in arrivals]
 
 
-def summarize(samples: list[Sample], duration_s: float) -> dict:
-    """vLLM's summary: throughputs and mean/median/p99 of TTFT, TPOT, ITL, E2E (ms)."""
+def summarize(samples: list[Sample], duration_s: float, cpu_s: float = math.nan) -> dict:
+    """vLLM's summary: throughputs and mean/median/p99 of TTFT, TPOT, ITL, E2E (ms), plus the
+    CPU time spent per output token (``cpu_s``: all processes involved; nan when unknown)."""
     ok = [s for s in samples if s.error is None]
     out_tokens = sum(s.output_tokens for s in ok)
     in_tokens = sum(s.prompt_tokens for s in ok)
@@ -86,6 +91,7 @@ def summarize(samples: list[Sample], duration_s: float) -> dict:
         "request_throughput": len(ok) / duration_s,
         "output_throughput": out_tokens / duration_s,
         "total_token_throughput": (in_tokens + out_tokens) / duration_s,
+        "cpu_ms_per_output_token": 1e3 * cpu_s / max(1, out_tokens),
     }
     series = {
         "ttft": [s.ttft for s in ok],
@@ -104,20 +110,64 @@ def summarize(samples: list[Sample], duration_s: float) -> dict:
 
 
 # -- over HTTP -----------------------------------------------------------------------------
+# A minimal HTTP/1.1 client on asyncio streams rather than httpx: on a small machine the
+# client's CPU time comes out of the server's, and httpx's layers cost about 0.1 ms of CPU per
+# streamed chunk (vLLM's benchmark uses aiohttp's C parser for the same reason).
 
-async def _stream_one(client: httpx.AsyncClient, model: str, req: workload.Request) -> Sample:
-    body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len,
-            "temperature": 0.0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+class _Endpoint:
+    """Where the requests go: /v1/completions under ``url`` (http or https)."""
+
+    def __init__(self, url: str, api_key: str | None):
+        u = urllib.parse.urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"--url must be http://host[:port] or https://..., got {url!r}")
+        self.host, self.tls = u.hostname, u.scheme == "https"
+        self.port = u.port or (443 if self.tls else 80)
+        auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+        self.head = (f"POST {u.path.rstrip('/')}/v1/completions HTTP/1.1\r\nHost: {u.netloc}\r\n"
+                     f"Content-Type: application/json\r\nConnection: close\r\n{auth}")
+
+
+class _StatusError(Exception):
+    pass
+
+
+async def _post_stream(ep: _Endpoint, body: bytes):
+    """POST ``body``; yield the response body's pieces as they arrive (chunked or not)."""
+    reader, writer = await asyncio.open_connection(
+        ep.host, ep.port, ssl=ssl.create_default_context() if ep.tls else None)
+    try:
+        writer.write(f"{ep.head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        status = int((await reader.readline()).split()[1])
+        chunked = False
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.strip().lower() == "transfer-encoding":
+                chunked = "chunked" in value.lower()
+        if status != 200:
+            raise _StatusError(f"HTTP {status}: {(await reader.read()).decode(errors='replace')}")
+        if not chunked:
+            while data := await reader.read(65536):
+                yield data
+            return
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            yield await reader.readexactly(size)
+            await reader.readexactly(2)  # the CRLF after each chunk
+    finally:
+        writer.close()
+
+
+async def _stream_one(ep: _Endpoint, model: str, req: workload.Request) -> Sample:
+    body = json.dumps({"model": model, "prompt": req.prompt, "max_tokens": req.output_len,
+                       "temperature": 0.0, "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
     t0 = time.perf_counter()
     times: list[float] = []
     usage = None
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                return Sample(0, 0, 0.0, [], 0.0, f"HTTP {r.status_code}: {await r.aread()!r}")
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):
             pending = b""
-            async for data in r.aiter_bytes():
+            async for data in _post_stream(ep, body):
                 now = time.perf_counter()
                 *events, pending = (pending + data).split(b"\n\n")
                 for ev in events:
@@ -128,7 +178,7 @@ async def _stream_one(client: httpx.AsyncClient, model: str, req: workload.Reque
                         times.append(now)
                     if b'"usage":{' in ev:
                         usage = json.loads(ev[6:])["usage"]
-    except httpx.HTTPError as e:
+    except (OSError, EOFError, ValueError, TimeoutError, _StatusError) as e:
         return Sample(0, 0, 0.0, [], 0.0, f"{type(e).__name__}: {e}")
     end = time.perf_counter()
     if not times or usage is None:
@@ -139,27 +189,40 @@ async def _stream_one(client: httpx.AsyncClient, model: str, req: workload.Reque
 
 async def _run_http(url: str, model: str, reqs: list[workload.Request], concurrency: int,
                     api_key: str | None) -> tuple[list[Sample], float]:
+    ep = _Endpoint(url, api_key)
     limit = asyncio.Semaphore(concurrency)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits,
-                                 timeout=httpx.Timeout(600.0, connect=10.0)) as client:
-        await _stream_one(client, model, workload.Request(0.0, "warm up", 7, 2))
-        t0 = time.perf_counter()
+    warm = await _stream_one(ep, model, workload.Request(0.0, "warm up", 7, 2))
+    if warm.error is not None:
+        raise RuntimeError(f"{url}: the warm-up request failed: {warm.error}")
+    t0 = time.perf_counter()
 
-        async def one(req):
-            await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.perf_counter()))
-            async with limit:
-                return await _stream_one(client, model, req)
+    async def one(req):
+        await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.perf_counter()))
+        async with limit:
+            return await _stream_one(ep, model, req)
 
-        samples = await asyncio.gather(*(one(r) for r in reqs))
-        return list(samples), time.perf_counter() - t0
+    samples = await asyncio.gather(*(one(r) for r in reqs))
+    return list(samples), time.perf_counter() - t0
 
 
 def bench_http(url: str, model: str, reqs: list[workload.Request], concurrency: int,
-               api_key: str | None = None) -> dict:
+               api_key: str | None = None, server_pid: int | None = None) -> dict:
+    """The workload against ``url``; CPU time is counted when the server's pid is known
+    (the server's and this client's: on a small machine both take from the same cores)."""
+    cpu0 = _cpu_s(server_pid) if server_pid else math.nan
     samples, duration = asyncio.run(_run_http(url, model, reqs, concurrency, api_key))
-    return summarize(samples, duration)
+    cpu = _cpu_s(server_pid) - cpu0 if server_pid else math.nan
+    return summarize(samples, duration, cpu)
+
+
+def _cpu_s(pid: int | None = None) -> float:
+    """User + system CPU seconds of this process, plus those of process ``pid`` (Linux /proc)."""
+    t = os.times()
+    own = t.user + t.system
+    if pid is None:
+        return own
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return own + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class JvtServer:
@@ -232,6 +295,7 @@ def bench_in_process(engine, reqs: list[workload.Request], concurrency: int) -> 
     engine.generate(["warm up"], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
     pending = collections.deque(sorted(reqs, key=lambda r: r.arrival_s))
     active, outputs = [], []
+    cpu0 = _cpu_s()
     t0 = time.perf_counter()
     while pending or active:
         now = time.perf_counter() - t0
@@ -247,6 +311,7 @@ def bench_in_process(engine, reqs: list[workload.Request], concurrency: int) -> 
             (outputs if handle.finished else still).append(handle)
         active = still
     duration = time.perf_counter() - t0
+    cpu = _cpu_s() - cpu0
     while engine.has_unfinished():
         engine.step()
     samples = []
@@ -255,7 +320,7 @@ def bench_in_process(engine, reqs: list[workload.Request], concurrency: int) -> 
         m = out.metrics
         samples.append(Sample(len(out.prompt_token_ids), len(out.token_ids), m.ttft, m.itl,
                               m.finished_time - m.arrival_time))
-    return summarize(samples, duration)
+    return summarize(samples, duration, cpu)
 
 
 # -- comparison and report -----------------------------------------------------------------
@@ -263,14 +328,14 @@ def bench_in_process(engine, reqs: list[workload.Request], concurrency: int) -> 
 COLUMNS = ["run", "requests", "duration s", "req/s", "output tok/s", "TTFT mean ms",
            "TTFT median ms", "TTFT p99 ms", "TPOT mean ms", "TPOT median ms", "TPOT p99 ms",
            "ITL mean ms", "ITL median ms", "ITL p99 ms", "E2E mean ms", "E2E median ms",
-           "E2E p99 ms"]
+           "E2E p99 ms", "CPU ms/token"]
 
 
 def table_row(name: str, s: dict) -> list:
     row = [name, s["completed"], s["duration_s"], s["request_throughput"], s["output_throughput"]]
     for metric in ("ttft", "tpot", "itl", "e2el"):
         row += [s[f"mean_{metric}_ms"], s[f"median_{metric}_ms"], s[f"p99_{metric}_ms"]]
-    return row
+    return [*row, s["cpu_ms_per_output_token"]]
 
 
 def compare(model: str, engine_opts: dict, plan: Plan, repeat: int = 1) -> dict[str, dict]:
@@ -289,7 +354,8 @@ def compare(model: str, engine_opts: dict, plan: Plan, repeat: int = 1) -> dict[
                 log(f"serve: run {i + 1}/{repeat}: HTTP, {plan.num_prompts} requests, "
                     f"concurrency {plan.max_concurrency}")
                 runs["jvt serve (HTTP)"].append(
-                    bench_http(server.url, model, reqs, plan.max_concurrency))
+                    bench_http(server.url, model, reqs, plan.max_concurrency,
+                               server_pid=server.proc.pid))
                 log(f"serve: run {i + 1}/{repeat}: in-process engine")
                 runs["in-process engine"].append(
                     bench_in_process(engine, reqs, plan.max_concurrency))
@@ -305,7 +371,10 @@ def compare(model: str, engine_opts: dict, plan: Plan, repeat: int = 1) -> dict[
 
 def _ratio_notes(http: dict, local: dict) -> list[str]:
     ratio = http["output_throughput"] / local["output_throughput"]
-    notes = [f"HTTP / in-process output throughput: {ratio:.3f}"]
+    cpu = local["cpu_ms_per_output_token"] / http["cpu_ms_per_output_token"]
+    first = (f"HTTP / in-process: output throughput {ratio:.3f}, CPU time per token "
+             f"(inverse; HTTP counts server and client) {cpu:.3f}")
+    notes = [first]
     if len(http["runs"]) > 1:
         notes.append("output tok/s of every run (alternating): HTTP "
                      f"{[round(x) for x in http['runs']]}, in-process "
