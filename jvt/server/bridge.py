@@ -72,7 +72,6 @@ class Submission:
         self.requests: list = []  # engine Requests (touched by the engine thread only)
 
 
-
 class EngineBridge:
     """Owns an Engine on a thread of its own; the asyncio side talks to it through this.
 
@@ -232,6 +231,9 @@ class EngineBridge:
                 self._release(len(sub.items))
                 _resolve(sub.accepted, InvalidRequestError(i, e))
                 return
+            except BaseException as e:  # the engine is broken: the thread dies with it
+                _resolve(sub.accepted, EngineDeadError(f"the engine failed: {e!r}"))
+                raise
             sub.requests.append(req)
             active[req.request_id] = (req, sub, i)
         _resolve(sub.accepted, result=None)
