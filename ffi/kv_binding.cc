@@ -134,6 +134,9 @@ void bind_kv_store(nb::module_& m) {
       .def("reserve", [](NativeStore& s, int32_t slot, int64_t n) { s.get().reserve(slot, n); },
            G())
       .def("apply_pending", [](NativeStore& s) { s.get().apply_pending(); }, G())
+      .def("set_budget_bytes",
+           [](NativeStore& s, int64_t bytes) { s.get().set_budget_bytes(bytes); },
+           nb::arg("budget_bytes"), G())
       .def("share",
            [](NativeStore& s, int32_t dst, int32_t src, int64_t n) {
              return s.get().share(dst, src, n);

@@ -337,6 +337,21 @@ void KVStore::reserve(int32_t slot, int64_t n_tokens) {
   s.reserved = std::max(s.reserved, n_tokens);
 }
 
+void KVStore::set_budget_bytes(int64_t budget_bytes) {
+  Impl& m = *impl_;
+  std::lock_guard<std::mutex> mm(m.map_mu);
+  std::lock_guard<std::mutex> lk(m.mu);
+  const int64_t chunks = budget_bytes / m.layout.chunk_bytes;
+  require(chunks >= 1 && chunks >= m.allocated,
+          "set_budget_bytes: " + std::to_string(budget_bytes) + " bytes hold " +
+              std::to_string(chunks) + " chunks of " + std::to_string(m.layout.chunk_bytes) +
+              "; allowed: at least 1 and at least the " + std::to_string(m.allocated) +
+              " chunks handed out");
+  m.spec.budget_bytes = budget_bytes;
+  m.layout.budget_chunks = chunks;
+  m.created.resize(chunks, 0);
+}
+
 void KVStore::apply_pending() {
   if (impl_->pending.load(std::memory_order_acquire) == 0) return;
   impl_->drain_queue();

@@ -106,6 +106,9 @@ class KVStore {
   void reserve(int32_t slot, int64_t n_tokens);
   // Complete every queued extension on the calling thread. One atomic load when none is queued.
   void apply_pending();
+  // Change the physical budget (chunks are created lazily, so this allocates nothing); throws
+  // std::invalid_argument when it holds no chunk or fewer chunks than are handed out already.
+  void set_budget_bytes(int64_t budget_bytes);
   // Map the whole chunks among the first n_tokens of src into the empty slot dst (refcounted,
   // zero copy). Returns the number of tokens shared (a multiple of tokens_per_chunk).
   int64_t share(int32_t dst, int32_t src, int64_t n_tokens);

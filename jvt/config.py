@@ -38,6 +38,9 @@ class EngineConfig:
       derives 16, 64, 256, ... up to max_num_batched_tokens and 1, 4, 16, ... up to
       max_num_seqs. Pure-decode steps run in (S, S) shapes (one row per sequence), steps with
       prefill rows in (T, S(T)), S(T) the largest sequence bucket <= T (see step_shapes).
+    decode_shapes: compile the (S, S) pure-decode shapes. False runs decode steps in the
+      prefill shapes too: with one token bucket every step then has one shape, so a token's
+      arithmetic (the CUDA kernels' KV split count) never depends on what else is batched.
     preemption_mode: what a sequence preempted under KV pressure keeps. "swap": the KV it has
       computed is copied to host memory and back into a slot when it is re-admitted (bit-exact
       continuation; the host waits for the step in flight first). "recompute": the KV is dropped
@@ -48,8 +51,10 @@ class EngineConfig:
       live or retained slot instead of recomputing them; finished requests keep their slot
       (retained, evicted LRU) so later requests can share from it.
     seed: base of the per-request sampling seeds of requests that give none.
-    xla_mem_fraction: on CUDA, XLA's memory pool fraction set before JAX initialises (the KV
-      chunks live outside that pool); ignored if JAX is already initialised or the variable is set.
+    gpu_memory_utilization: on CUDA, the fraction of each device's memory the engine may use in
+      all: XLA's pool (weights, activations) plus the KV chunks. Unless the XLA_PYTHON_CLIENT_*
+      variables are set, XLA's pool grows on demand up to that fraction; the KV budget is
+      what remains after the weights and the largest step's temporaries (jvt/memory.py).
     compilation_cache: keep compiled step shapes in JAX's persistent compilation cache so a
       second start loads them instead of compiling. compilation_cache_dir: its directory
       (None: <$JVT_CACHE_DIR or ~/.cache/jvt>/xla). The cache is process-wide in JAX: the first
@@ -66,11 +71,12 @@ class EngineConfig:
     prefill_chunk: int = 256
     token_buckets: tuple[int, ...] | None = None
     seq_buckets: tuple[int, ...] | None = None
+    decode_shapes: bool = True
     preemption_mode: str = "swap"
     swap_space_bytes: int = 4 << 30
     enable_prefix_sharing: bool = True
     seed: int = 0
-    xla_mem_fraction: float = 0.5
+    gpu_memory_utilization: float = 0.9
     compilation_cache: bool = True
     compilation_cache_dir: str | None = None
 
@@ -100,12 +106,16 @@ class EngineConfig:
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"EngineConfig.preemption_mode must be one of {PREEMPTION_MODES}, "
                              f"got {self.preemption_mode!r}")
+        if not isinstance(self.decode_shapes, bool):
+            raise ValueError(f"EngineConfig.decode_shapes must be a bool, got "
+                             f"{self.decode_shapes!r}")
         if not isinstance(self.enable_prefix_sharing, bool):
             raise ValueError("EngineConfig.enable_prefix_sharing must be a bool, got "
                              f"{self.enable_prefix_sharing!r}")
-        if not (isinstance(self.xla_mem_fraction, float) and 0.0 < self.xla_mem_fraction < 1.0):
-            raise ValueError("EngineConfig.xla_mem_fraction must be a float in (0, 1), got "
-                             f"{self.xla_mem_fraction!r}")
+        u = self.gpu_memory_utilization
+        if not (isinstance(u, float) and 0.0 < u <= 1.0):
+            raise ValueError("EngineConfig.gpu_memory_utilization must be a float in (0, 1], "
+                             f"got {u!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
@@ -126,7 +136,7 @@ class EngineConfig:
         to their T rows. A step of n tokens and m sequences runs in the smallest shape with
         T >= n and S >= m (see `bucket`); the largest token bucket always has S = max_num_seqs.
         """
-        shapes = {(s, s) for s in self.seq_buckets}
+        shapes = {(s, s) for s in self.seq_buckets} if self.decode_shapes else set()
         for t in self.token_buckets:
             below = [s for s in self.seq_buckets if s <= t]
             if below:

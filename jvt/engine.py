@@ -73,20 +73,20 @@ class Engine:
 
     def __init__(self, model: str | models.Model = models.DEFAULT_MODEL, **config):
         cfg = make_config(**config)
-        self.devices = jax_devices(cfg.device, cfg.tensor_parallel, cfg.xla_mem_fraction)
+        self.devices = jax_devices(cfg.device, cfg.tensor_parallel, cfg.gpu_memory_utilization)
         self.device = self.devices[0]
         if cfg.compilation_cache:  # before the first compilation (loading compiles too)
             enable_compilation_cache(cfg.compilation_cache_dir)
-        self.model = self._load(model, cfg)
+        self.model = self._load(model, cfg, self.devices)
         mc = self.model.config
         if cfg.device != "cpu" and mc.dtype == "float32":
             raise ValueError("the CUDA attention kernels support bfloat16 and float16, and this "
                              "model is float32: pass dtype='bfloat16' (or load it so)")
         parallel.check(mc, cfg.tensor_parallel, len(self.devices))
         self.tokenizer = self.model.tokenizer
-        kv = memory.plan(mc, tensor_parallel=cfg.tensor_parallel, max_num_seqs=cfg.max_num_seqs,
+        kv = memory.plan(mc, devices=self.devices, max_num_seqs=cfg.max_num_seqs,
                          max_model_len=cfg.max_model_len, kv_budget_bytes=cfg.kv_budget_bytes,
-                         host=cfg.device == "cpu")
+                         gpu_memory_utilization=cfg.gpu_memory_utilization)
         self.config = cfg = dataclasses.replace(cfg, max_model_len=kv.max_model_len)
         self.store = memory.make_store(mc, kv, cfg.max_num_seqs, self.devices)
         self.scheduler = Scheduler(
@@ -100,6 +100,10 @@ class Engine:
             module = parallel.expand_kv_heads(module, cfg.tensor_parallel)
         self.runner = Runner(module, self.store, shapes=cfg.step_shapes, devices=self.devices)
         self.runner.warmup()
+        if cfg.device != "cpu" and cfg.kv_budget_bytes is None:
+            self.store.set_budget_bytes(memory.gpu_kv_budget(
+                kv, self.devices, cfg.gpu_memory_utilization, self.runner.temp_bytes(),
+                cfg.max_num_seqs))
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._step_id = -1
@@ -107,7 +111,7 @@ class Engine:
         self._stalled = 0  # consecutive idle steps with work queued
 
     @staticmethod
-    def _load(model, cfg) -> models.Model:
+    def _load(model, cfg, devices) -> models.Model:
         if isinstance(model, models.Model):
             if cfg.dtype not in (None, model.config.dtype):
                 raise ValueError(f"dtype={cfg.dtype!r} differs from the loaded model's "
@@ -118,8 +122,11 @@ class Engine:
                              f"directory or GGUF file, or a jvt.models.Model, got "
                              f"{type(model).__name__}")
         dtype = cfg.dtype
-        if dtype is None and cfg.device != "cpu" and models.read_config(model).dtype == "float32":
-            dtype = "bfloat16"  # the CUDA kernels run half precision
+        if cfg.device != "cpu":
+            if dtype is None and models.read_config(model).dtype == "float32":
+                dtype = "bfloat16"  # the CUDA kernels run half precision
+            memory.check_weights_fit(models.read_config(model, dtype), devices,
+                                     cfg.gpu_memory_utilization)
         return models.load(model, dtype=dtype)
 
     # -- public API ----------------------------------------------------------------------

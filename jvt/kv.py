@@ -177,6 +177,15 @@ class KVStore:
         """Map every queued extension now; one atomic load when nothing is queued."""
         self._native.apply_pending()
 
+    def set_budget_bytes(self, budget_bytes: int) -> None:
+        """Change the physical budget (nothing is allocated: chunks are created on demand).
+        ValueError when it holds no chunk or fewer chunks than are handed out already."""
+        if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool):
+            raise ValueError(f"budget_bytes must be an int, got {budget_bytes!r}")
+        self._native.set_budget_bytes(budget_bytes)
+        self.budget_bytes = budget_bytes
+        self.budget_chunks = self._native.layout()["budget_chunks"]
+
     def share(self, dst: int, src: int, n_tokens: int) -> int:
         """Map the whole chunks among the first ``n_tokens`` of ``src`` into the empty ``dst``.
 

@@ -79,6 +79,12 @@ class KVStoreGroup:
         for s in self.stores:
             s.apply_pending()
 
+    def set_budget_bytes(self, budget_bytes: int) -> None:
+        """The budget of every member (bytes per device)."""
+        for s in self.stores:
+            s.set_budget_bytes(budget_bytes)
+        self.budget_chunks = self.stores[0].budget_chunks
+
     def share(self, dst: int, src: int, n_tokens: int) -> int:
         shared = {s.share(dst, src, n_tokens) for s in self.stores}
         if len(shared) != 1:

@@ -13,10 +13,11 @@ from jvt.models.cache import cache_root
 HOST_KV_FRACTION = 0.25  # default cap of a host (CPU) store's physical KV: a quarter of RAM
 
 
-def jax_devices(device: str, count: int, xla_mem_fraction: float) -> list[jax.Device]:
+def jax_devices(device: str, count: int, gpu_memory_utilization: float) -> list[jax.Device]:
     """`count` jax.Devices from "cpu", "cuda" or "cuda:N" on (ValueError when too few). On
-    CUDA, caps XLA's pool at xla_mem_fraction before JAX initialises (the KV chunks live
-    outside it)."""
+    CUDA, before JAX initialises, XLA's pool is made to grow on demand up to
+    gpu_memory_utilization of the device (the KV chunks live outside it), unless the
+    XLA_PYTHON_CLIENT_* variables say otherwise."""
     if device == "cpu":
         cpus = jax.devices("cpu")
         if count > len(cpus):
@@ -26,10 +27,13 @@ def jax_devices(device: str, count: int, xla_mem_fraction: float) -> list[jax.De
         return cpus[:count]
     from jax._src import xla_bridge
 
+    pool_vars = {"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                 "XLA_PYTHON_CLIENT_ALLOCATOR"}
     if not getattr(xla_bridge, "backends_are_initialized", lambda: True)():
-        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(xla_mem_fraction))
-    elif not {"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
-              "XLA_PYTHON_CLIENT_ALLOCATOR"} & os.environ.keys():
+        if not pool_vars & os.environ.keys():
+            os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+            os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(gpu_memory_utilization)
+    elif not pool_vars & os.environ.keys():
         warnings.warn("JAX was initialised before the Engine with XLA's default pool (75% of GPU "
                       "memory), which leaves little for the KV cache: set "
                       "XLA_PYTHON_CLIENT_MEM_FRACTION before importing JAX", stacklevel=3)

@@ -133,6 +133,11 @@ class Runner:
             for greedy_only in self.variants:
                 self._compile(*shape, greedy_only)
 
+    def temp_bytes(self) -> int:
+        """The largest per-device temporary memory of the compiled steps (XLA's estimate)."""
+        sizes = [c.memory_analysis() for c in self.compiled.values()]
+        return max((m.temp_size_in_bytes for m in sizes if m is not None), default=0)
+
     def _compile(self, t: int, s: int, greedy_only: bool | None):
         key = (t, s, greedy_only)
         if key not in self.compiled:

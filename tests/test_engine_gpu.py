@@ -24,7 +24,7 @@ CONFIG = dataclasses.replace(models.preset_config("llama-3.2-1b"), num_layers=2)
 TPC = 512
 ENGINE = {"device": "cuda", "max_num_seqs": 16, "max_model_len": 2048,
           "max_num_batched_tokens": 512, "token_buckets": (512,), "seq_buckets": (16,),
-          "prefill_chunk": 200}
+          "decode_shapes": False, "prefill_chunk": 200}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
 
 
@@ -131,3 +131,80 @@ def test_abort_and_completion_return_every_chunk(model):
         else:
             list(s)
     assert e.store.stats().chunks_in_use == 0
+
+
+def test_steps_are_mapped_before_dispatch(model):
+    """The CUDA handler maps nothing: the runner applies pending mappings before it
+    dispatches, so a step right after a reserve crossing into new chunks is correct."""
+    e = jvt.Engine(model, **ENGINE, enable_prefix_sharing=False)
+    prompt = _prompts(1, seed=7, lo=2 * TPC + 5, hi=2 * TPC + 5)[0]  # 3 chunks at once
+    out = e.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert e.store.stats().pending_jobs == 0
+    e.store.check()
+    ref = jvt.Engine(model, **ENGINE, enable_prefix_sharing=False, prefill_chunk=17)
+    assert out.token_ids == ref.generate([prompt], GREEDY, use_tqdm=False)[0].token_ids
+
+
+def test_weights_that_do_not_fit_are_refused_before_loading():
+    with pytest.raises(ValueError, match="does not fit.*raise gpu_memory_utilization"):
+        jvt.Engine("llama-3-8b", device="cuda", gpu_memory_utilization=0.05)
+
+
+_SHARE_SCRIPT = r"""
+import json, os, sys, time
+import jvt
+from jvt import models
+import dataclasses
+config = dataclasses.replace(models.preset_config("llama-3.2-1b"), num_layers=2)
+model = models.Model(config, models.init_module(config, seed=1), models.ByteTokenizer())
+e = jvt.Engine(model, device="cuda", gpu_memory_utilization=0.45, max_num_seqs=64,
+               max_model_len=32768, max_num_batched_tokens=512, token_buckets=(512,),
+               seq_buckets=(64,))
+budget = e.stats()["kv_budget_bytes"]
+for slot in range(e.store.slots):  # take the whole budget: both processes hold it at once
+    try:
+        e.store.reserve(slot, e.store.max_tokens)
+    except jvt.KVCacheFull:
+        break
+e.store.apply_pending()
+open(sys.argv[1] + ".ready", "w").close()
+deadline = time.time() + 120
+while not os.path.exists(sys.argv[2] + ".ready") and time.time() < deadline:
+    time.sleep(0.2)
+for slot in range(e.store.slots):
+    e.store.release(slot)
+out = e.generate(["hello"], jvt.SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+print(json.dumps({"budget": budget, "tokens": len(out[0].token_ids),
+                  "mapped": e.stats()["kv_mapped_bytes"]}))
+"""
+
+
+def test_two_engines_share_one_gpu_at_045_each(tmp_path):
+    """Two processes with gpu_memory_utilization=0.45 each: both take their whole KV budget
+    at the same time and both generate. (This test process must hold little GPU memory
+    itself: XLA_PYTHON_CLIENT_MEM_FRACTION=0.02 pytest -m gpu -k two_engines.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from jvt import _native
+
+    _, total = _native._cuda_mem_info(0)
+    held = jax.devices("gpu")[0].memory_stats().get("pool_bytes", 0)
+    if held > 0.08 * total:
+        pytest.skip(f"this process's XLA pool holds {held / total:.0%} of the GPU; run "
+                    "XLA_PYTHON_CLIENT_MEM_FRACTION=0.02 pytest -m gpu -k two_engines")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_PYTHON_CLIENT")}
+    marks = [str(tmp_path / "a"), str(tmp_path / "b")]
+    procs = [subprocess.Popen([sys.executable, "-c", _SHARE_SCRIPT, me, other], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for me, other in (marks, marks[::-1])]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    for r in results:
+        assert r["tokens"] == 8
+        assert 0.2 * total < r["budget"] < 0.45 * total
