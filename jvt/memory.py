@@ -96,7 +96,7 @@ def check_weights_fit(mc: ModelConfig, devices: list[jax.Device],
     from jvt.models.llama import num_params
 
     per_device = num_params(mc) * np.dtype(mc.jnp_dtype).itemsize / len(devices)
-    _, total = _native._cuda_mem_info(devices[0].id)
+    _, total = _native._cuda_mem_info(devices[0].local_hardware_id)
     room = gpu_memory_utilization * total - GPU_MARGIN
     if per_device > room:
         raise ValueError(
@@ -111,7 +111,7 @@ def _gpu_room(device: jax.Device, utilization: float, temp_bytes: int) -> int:
     hold for temp_bytes of step temporaries, minus GPU_MARGIN, within the free memory."""
     from jvt import _native
 
-    free, total = _native._cuda_mem_info(device.id)
+    free, total = _native._cuda_mem_info(device.local_hardware_id)
     stats = device.memory_stats() or {}
     in_use = stats.get("bytes_in_use", 0)
     held = max(stats.get("pool_bytes", 0), in_use + temp_bytes)
@@ -124,10 +124,12 @@ def make_store(mc: ModelConfig, kv: KVPlan, slots: int,
     """One store per device (host stores for CPU devices); a group for several."""
     stores = [KVStore(mc.num_layers, kv.kv_heads, mc.head_dim, mc.dtype, slots,
                       kv.max_model_len, kv.budget_bytes,
-                      "cpu" if d.platform == "cpu" else f"cuda:{d.id}") for d in devices]
+                      "cpu" if d.platform == "cpu" else f"cuda:{d.local_hardware_id}")
+              for d in devices]
     if len(stores) == 1:
         return stores[0]
-    return KVStoreGroup(stores, [d.id for d in devices])
+    # The FFI handler's device ordinal is the process-local one (the CUDA ordinal on a GPU).
+    return KVStoreGroup(stores, [d.local_hardware_id for d in devices])
 
 
 def _default_max_model_len(mc: ModelConfig, token_bytes: int, chunk: int, cap: int) -> int:
