@@ -89,7 +89,8 @@ def _time_compile(engine, reps: int) -> float:
     return statistics.median(times)
 
 
-def _greedy_tokens(name: str, checkpoints: str | None, device: str) -> list[list[int]] | None:
+def _greedy_tokens(name: str, checkpoints: str | None, device: str,
+                   dtype: str | None) -> list[list[int]] | None:
     if checkpoints is None:
         return None
     import jvt
@@ -97,7 +98,7 @@ def _greedy_tokens(name: str, checkpoints: str | None, device: str) -> list[list
 
     path = os.path.join(checkpoints, name)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        jvt.models.save_hf_checkpoint(jvt.models.load(name), path)
+        jvt.models.save_hf_checkpoint(jvt.models.load(name, dtype=dtype), path)
     model = jvt.models.load(path, use_cache=False)
     engine = _engine(model, device)
     params = jvt.SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -106,28 +107,31 @@ def _greedy_tokens(name: str, checkpoints: str | None, device: str) -> list[list
     return [o.token_ids for o in outs]
 
 
-def measure(name: str, device: str, reps: int, checkpoints: str | None) -> dict:
+def measure(name: str, device: str, reps: int, checkpoints: str | None,
+            dtype: str | None) -> dict:
     import jvt.models
 
-    model = jvt.models.load(name)
+    model = jvt.models.load(name, dtype=dtype)
     engine = _engine(model, device)
-    row = {"model": name, "compile_s": _time_compile(engine, 3 if name == "tiny" else 1)}
+    small = name == "tiny"
+    row = {"model": name, "dtype": model.config.dtype,
+           "compile_s": _time_compile(engine, 3 if small else 1)}
     for batch in BATCHES:
-        d, s = _time_dispatch(engine, batch, reps)
+        d, s = _time_dispatch(engine, batch, reps if small else max(10, reps // 10))
         row[f"dispatch_b{batch}_us"], row[f"step_b{batch}_ms"] = d * 1e6, s * 1e3
     engine.close()
-    row["greedy_tokens"] = _greedy_tokens(name, checkpoints, device)
+    row["greedy_tokens"] = _greedy_tokens(name, checkpoints, device, dtype)
     return row
 
 
 def _table(rows: list[dict], before: dict | None) -> str:
-    cols = ["model", "dispatch b1 us", "dispatch b16 us", "step b1 ms", "step b16 ms",
+    cols = ["model", "dtype", "dispatch b1 us", "dispatch b16 us", "step b1 ms", "step b16 ms",
             "compile s"]
     if before:
         cols += ["dispatch b1 x", "dispatch b16 x", "compile x", "tokens identical"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        vals = [r["model"], f"{r['dispatch_b1_us']:.0f}", f"{r['dispatch_b16_us']:.0f}",
+        vals = [r["model"], r["dtype"], f"{r['dispatch_b1_us']:.0f}", f"{r['dispatch_b16_us']:.0f}",
                 f"{r['step_b1_ms']:.2f}", f"{r['step_b16_ms']:.2f}", f"{r['compile_s']:.2f}"]
         b = (before or {}).get(r["model"])
         if before and b:
@@ -149,7 +153,10 @@ def main(argv=None) -> None:
     ap.add_argument("--json", required=True, help="where to write the results")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--models", default="tiny,llama-3.2-1b")
-    ap.add_argument("--reps", type=int, default=200, help="timed launches per batch")
+    ap.add_argument("--reps", type=int, default=200,
+                    help="timed launches per batch (a tenth, at least 10, for larger models)")
+    ap.add_argument("--dtype", default=None,
+                    help="weights dtype (default: the preset's; bf16 is slow in XLA:CPU)")
     ap.add_argument("--checkpoints", default=None,
                     help="directory of saved preset checkpoints for the greedy-token check")
     ap.add_argument("--compare", default=None, help="JSON of an earlier run (e.g. before)")
@@ -157,7 +164,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import jax
 
-    rows = [measure(name, args.device, args.reps, args.checkpoints)
+    rows = [measure(name, args.device, args.reps, args.checkpoints, args.dtype)
             for name in args.models.split(",")]
     before = None
     if args.compare:
