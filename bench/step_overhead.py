@@ -27,7 +27,10 @@ import statistics
 import time
 
 BATCHES = (1, 16)
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+# Token ids (every preset's vocabulary has them), so that versions whose tokenizers differ
+# (e.g. in adding BOS) still see the same prompts.
+PROMPTS = [[256, 84, 104, 101, 32, 99, 97, 112], [100, 101, 102, 32, 102, 105, 98],
+           [79, 110, 99, 101, 32, 117, 112, 111, 110]]
 
 
 def _engine(model, device: str):

@@ -26,7 +26,9 @@ ENGINE_FLAGS = (  # flag, type, help; each given flag becomes the EngineConfig f
     ("--preemption-mode", str, "swap or recompute"),
     ("--swap-space-bytes", int, "host memory for swapped-out KV"),
     ("--seed", int, "base of the sampling seeds of requests that give none"),
-    ("--xla-mem-fraction", float, "CUDA: XLA's memory pool fraction"),
+    ("--gpu-memory-utilization", float,
+     "CUDA: fraction of each GPU the engine may use, XLA's pool and KV (default 0.9)"),
+    ("--compilation-cache-dir", str, "persistent compilation cache (default under the cache dir)"),
 )
 QUEUE_PER_SLOT = 8  # default --max-queue: this many waiting requests per KV slot
 
