@@ -39,6 +39,14 @@ class Tokenizer(Protocol):
                             ) -> list[int]: ...
 
 
+def _with_bos(ids: list[int], add_bos: bool, bos_id: int | None) -> list[int]:
+    if not add_bos:
+        return ids
+    if bos_id is None:
+        raise ValueError("add_bos=True but this tokenizer has no BOS token")
+    return [bos_id, *ids]
+
+
 def _check_messages(messages: list[dict]) -> None:
     for m in messages:
         if not isinstance(m, dict) or not {"role", "content"} <= m.keys():
@@ -152,12 +160,7 @@ class HFTokenizer:
                         self._tok.encode("", add_special_tokens=True)[:1] == [self.bos_id])
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False)
-        if add_bos:
-            if self.bos_id is None:
-                raise ValueError("add_bos=True but this tokenizer has no BOS token")
-            ids = [self.bos_id, *ids]
-        return ids
+        return _with_bos(self._tok.encode(text, add_special_tokens=False), add_bos, self.bos_id)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
@@ -290,12 +293,8 @@ class GGUFTokenizer:
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of text; special tokens written in text become their single ids."""
-        ids = self._raw.encode(text, add_special_tokens=False).ids
-        if add_bos:
-            if self.bos_id is None:
-                raise ValueError("add_bos=True but this tokenizer has no BOS token")
-            ids = [self.bos_id, *ids]
-        return ids
+        return _with_bos(self._raw.encode(text, add_special_tokens=False).ids, add_bos,
+                         self.bos_id)
 
     def decode(self, ids: list[int]) -> str:
         return self._raw.decode(list(ids), skip_special_tokens=True)
