@@ -6,7 +6,11 @@
 For each model and batch (1 and 16) the engine's runner launches a pure-decode step (T = S
 rows) again and again; "dispatch" is the host time until `Runner.launch` returns (packing the
 step's inputs, the transfer and the jitted call; the device work runs asynchronously), "step"
-the time until its results are on the host. "compile" is one bucket's lower + compile with
+the time until its results are on the host. "device" is the time per step of the compiled step
+called back to back on inputs already on the device (what the device needs per step); "ITL" the
+median inter-token latency of `batch` greedy requests through `Engine.generate`; their ratio
+gives the device's idle share between consecutive decode steps, 1 - device / ITL (the host
+work the one-step overlap does not hide). "compile" is one bucket's lower + compile with
 JAX's persistent compilation cache off. Greedy tokens of a few prompts are recorded from a
 checkpoint saved under --checkpoints on first use (random preset weights saved as a Hugging
 Face checkpoint), so that two versions of jvt run on the very same weights; --compare names a
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -76,6 +81,44 @@ def _time_dispatch(engine, batch: int, reps: int) -> tuple[float, float]:
     return statistics.median(dispatch), statistics.median(step)
 
 
+def _time_device(engine, batch: int, reps: int) -> float:
+    """Median seconds per step of the compiled (batch, batch) step run back to back."""
+    import jax
+
+    from jvt.runner import _pack, _to_wire
+
+    runner = engine.runner
+    plan = _decode_plan(engine, batch)
+    key = next(k for k in runner.compiled if k[:2] == (batch, batch))
+    step = runner.compiled[key]
+    ints, floats = jax.device_put(_to_wire(_pack(plan, batch, batch)), engine.device)
+    weights = runner.weights if hasattr(runner, "weights") else runner.params  # before NNX
+    last = runner.last_tokens
+    samples = []
+    for _ in range(5):
+        n = max(1, reps // 5)
+        last, out = step(weights, last, ints, floats)
+        jax.block_until_ready(out)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            last, out = step(weights, last, ints, floats)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / n)
+    runner.last_tokens = last
+    return statistics.median(samples)
+
+
+def _engine_itl(engine, batch: int) -> float:
+    """Median inter-token latency (s) of `batch` greedy requests of 48 tokens."""
+    import jvt
+
+    params = jvt.SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    engine.generate(PROMPTS[:1], params, use_tqdm=False)  # warm
+    prompts = [PROMPTS[i % len(PROMPTS)] + [i] for i in range(batch)]
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    return statistics.median(x for o in outs for x in o.metrics.itl[4:])
+
+
 def _time_compile(engine, reps: int) -> float:
     """Median seconds of trace + lower + compile of the (16, 16) step (its first variant:
     greedy-only, or the only one), persistent cache off."""
@@ -120,8 +163,15 @@ def measure(name: str, device: str, reps: int, checkpoints: str | None,
     row = {"model": name, "dtype": model.config.dtype,
            "compile_s": _time_compile(engine, 3 if small else 1)}
     for batch in BATCHES:
-        d, s = _time_dispatch(engine, batch, reps if small else max(10, reps // 10))
+        n = reps if small else max(10, reps // 10)
+        d, s = _time_dispatch(engine, batch, n)
         row[f"dispatch_b{batch}_us"], row[f"step_b{batch}_ms"] = d * 1e6, s * 1e3
+        row[f"device_b{batch}_ms"] = _time_device(engine, batch, n) * 1e3
+    for slot in range(max(BATCHES)):  # the bench's own slots, unknown to the scheduler
+        engine.store.release(slot)
+    for batch in BATCHES:
+        row[f"itl_b{batch}_ms"] = _engine_itl(engine, batch) * 1e3 if device != "cpu" or \
+            small else float("nan")
     engine.close()
     row["greedy_tokens"] = _greedy_tokens(name, checkpoints, device, dtype)
     return row
@@ -129,13 +179,14 @@ def measure(name: str, device: str, reps: int, checkpoints: str | None,
 
 def _table(rows: list[dict], before: dict | None) -> str:
     cols = ["model", "dtype", "dispatch b1 us", "dispatch b16 us", "step b1 ms", "step b16 ms",
-            "compile s"]
+            "compile s", "device b1 / ITL ms (idle)", "device b16 / ITL ms (idle)"]
     if before:
         cols += ["dispatch b1 x", "dispatch b16 x", "compile x", "tokens identical"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         vals = [r["model"], r["dtype"], f"{r['dispatch_b1_us']:.0f}", f"{r['dispatch_b16_us']:.0f}",
-                f"{r['step_b1_ms']:.2f}", f"{r['step_b16_ms']:.2f}", f"{r['compile_s']:.2f}"]
+                f"{r['step_b1_ms']:.2f}", f"{r['step_b16_ms']:.2f}", f"{r['compile_s']:.2f}",
+                _idle(r, 1), _idle(r, 16)]
         b = (before or {}).get(r["model"])
         if before and b:
             same = (r["greedy_tokens"] == b["greedy_tokens"]
@@ -148,6 +199,13 @@ def _table(rows: list[dict], before: dict | None) -> str:
             vals += ["-", "-", "-", "no earlier row"]
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines)
+
+
+def _idle(r: dict, batch: int) -> str:
+    device, itl = r.get(f"device_b{batch}_ms"), r.get(f"itl_b{batch}_ms")
+    if device is None or itl is None or math.isnan(itl):
+        return "-"
+    return f"{device:.2f} / {itl:.2f} ({100 * (1 - device / itl):.0f}%)"
 
 
 def main(argv=None) -> None:
