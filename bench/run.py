@@ -1,7 +1,8 @@
 """Run the selected benchmark parts in one process and write report.md, results.json and plots.
 
 Parts (in run order): kernels, vmm, multiturn, e2e, memory (memory reuses e2e's trace), cpu
-(the real default model on the CPU: bench/cpu.py), serve (HTTP vs in-process: bench/serve.py).
+(the real default model on the CPU: bench/cpu.py), serve (HTTP vs in-process: bench/serve.py),
+tp (tensor parallelism on two GPUs: bench/tp.py).
 A part (or an e2e model) that would start after --budget-s seconds is skipped with a note, so
 that a run in a time-limited call still writes its report. `--smoke` runs every code path on
 tiny sizes (CPU-friendly); GPU-only baselines are skipped with a printed reason. The headline
@@ -29,6 +30,7 @@ PARTS = {  # name -> module with run(report, smoke), in run order
     "memory": "bench.memory",
     "cpu": "bench.cpu",
     "serve": "bench.serve",
+    "tp": "bench.tp",
 }
 
 
