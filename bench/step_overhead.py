@@ -11,7 +11,9 @@ called back to back on inputs already on the device (what the device needs per s
 median inter-token latency of `batch` greedy requests through `Engine.generate`; their ratio
 gives the device's idle share between consecutive decode steps, 1 - device / ITL (the host
 work the one-step overlap does not hide). "compile" is one bucket's lower + compile with
-JAX's persistent compilation cache off. Greedy tokens of a few prompts are recorded from a
+JAX's persistent compilation cache off: "compile" times the (16, 16) greedy-only step, the same
+program in every version, "compile shape" what the engine compiles for that shape (greedy-only
+and sampling variants, or on the CPU since the port a single variant choosing on the device). Greedy tokens of a few prompts are recorded from a
 checkpoint saved under --checkpoints on first use (random preset weights saved as a Hugging
 Face checkpoint), so that two versions of jvt run on the very same weights; --compare names a
 JSON of an earlier run and adds the ratios and a tokens-identical column.
@@ -119,20 +121,20 @@ def _engine_itl(engine, batch: int) -> float:
     return statistics.median(x for o in outs for x in o.metrics.itl[4:])
 
 
-def _time_compile(engine, reps: int) -> float:
-    """Median seconds of trace + lower + compile of the (16, 16) step (its first variant:
-    greedy-only, or the only one), persistent cache off."""
+def _time_compile(engine, reps: int, keys: list) -> float:
+    """Median seconds of trace + lower + compile of the steps `keys` ((T, S, variant) runner
+    keys) together, persistent cache off."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()  # JAX memoizes whether the cache is used: decide anew
     runner, times = engine.runner, []
-    key = next(k for k in runner.compiled if k[:2] == (16, 16))
     for _ in range(reps):
-        runner.compiled.pop(key)
         t0 = time.perf_counter()
-        runner._compile(*key)
+        for key in keys:
+            runner.compiled.pop(key, None)
+            runner._compile(*key)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -162,8 +164,13 @@ def measure(name: str, device: str, reps: int, checkpoints: str | None,
     model = jvt.models.load(name, dtype=dtype)
     engine = _engine(model, device)
     small = name == "tiny"
+    # The same program in every version: the (16, 16) greedy-only step; and what the engine
+    # compiles for that shape (greedy-only + sampling variants, or the CPU's single one).
+    shape_keys = [k for k in engine.runner.compiled if k[:2] == (16, 16)]
     row = {"model": name, "dtype": model.config.dtype,
-           "compile_s": _time_compile(engine, 3 if small else 1)}
+           "compile_s": _time_compile(engine, 3 if small else 1, [(16, 16, True)]),
+           "compile_shape_s": _time_compile(engine, 3 if small else 1, shape_keys),
+           "variants": len(shape_keys)}
     for batch in BATCHES:
         n = reps if small else max(10, reps // 10)
         d, s = _time_dispatch(engine, batch, n)
@@ -181,14 +188,16 @@ def measure(name: str, device: str, reps: int, checkpoints: str | None,
 
 def _table(rows: list[dict], before: dict | None) -> str:
     cols = ["model", "dtype", "dispatch b1 us", "dispatch b16 us", "step b1 ms", "step b16 ms",
-            "compile s", "device b1 / ITL ms (idle)", "device b16 / ITL ms (idle)"]
+            "compile s", "compile shape s (variants)", "device b1 / ITL ms (idle)",
+            "device b16 / ITL ms (idle)"]
     if before:
-        cols += ["dispatch b1 x", "dispatch b16 x", "compile x", "tokens identical"]
+        cols += ["dispatch b1 x", "dispatch b16 x", "compile x", "compile shape x",
+                 "tokens identical"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         vals = [r["model"], r["dtype"], f"{r['dispatch_b1_us']:.0f}", f"{r['dispatch_b16_us']:.0f}",
                 f"{r['step_b1_ms']:.2f}", f"{r['step_b16_ms']:.2f}", f"{r['compile_s']:.2f}",
-                _idle(r, 1), _idle(r, 16)]
+                f"{r['compile_shape_s']:.2f} ({r['variants']})", _idle(r, 1), _idle(r, 16)]
         b = (before or {}).get(r["model"])
         if before and b:
             same = (r["greedy_tokens"] == b["greedy_tokens"]
@@ -196,9 +205,10 @@ def _table(rows: list[dict], before: dict | None) -> str:
                     else "not checked")
             vals += [f"{r['dispatch_b1_us'] / b['dispatch_b1_us']:.3f}",
                      f"{r['dispatch_b16_us'] / b['dispatch_b16_us']:.3f}",
-                     f"{r['compile_s'] / b['compile_s']:.3f}", str(same)]
+                     f"{r['compile_s'] / b['compile_s']:.3f}",
+                     f"{r['compile_shape_s'] / b['compile_shape_s']:.3f}", str(same)]
         elif before:
-            vals += ["-", "-", "-", "no earlier row"]
+            vals += ["-", "-", "-", "-", "no earlier row"]
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
