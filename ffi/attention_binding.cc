@@ -2,8 +2,10 @@
 // registered from jvt/ops.py with jax.ffi.register_ffi_target.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include "attention.h"
+#include "quant.h"
 
 namespace nb = nanobind;
 
@@ -43,6 +45,7 @@ void bind_attention(nb::module_& m) {
         nb::dict platforms;
         nb::dict cpu;
         cpu["jvt_attention"] = handler_capsule(kJvtAttentionCpu);
+        cpu["jvt_qmatmul"] = handler_capsule(kJvtQMatmulCpu);
         platforms["cpu"] = cpu;
 #ifdef JVT_WITH_CUDA
         nb::dict cuda;
@@ -51,8 +54,23 @@ void bind_attention(nb::module_& m) {
 #endif
         return platforms;
       },
-      "FFI handler capsules by platform: {'cpu': {'jvt_attention': capsule}, 'CUDA': {...}} "
-      "(the CUDA entry only when the module was built with CUDA).");
+      "FFI handler capsules by platform: {'cpu': {'jvt_attention': capsule, 'jvt_qmatmul': "
+      "capsule}, 'CUDA': {'jvt_attention': capsule}} (the CUDA entry only when the module was "
+      "built with CUDA).");
+  // jvt_qmatmul's kernel versions (quant_cpu.cc), for tests and benchmarks.
+  m.def("qmatmul_isas", &qmatmul_isas,
+        "Versions of the jvt_qmatmul kernel this CPU can run, best first ('avx512', 'avx2', "
+        "'scalar').");
+  m.def("qmatmul_isa", &qmatmul_isa, "The jvt_qmatmul kernel version in use.");
+  m.def(
+      "set_qmatmul_isa",
+      [](const std::string& name) {
+        if (!set_qmatmul_isa(name)) {
+          throw nb::value_error(("qmatmul isa " + name + " is not available on this CPU").c_str());
+        }
+      },
+      nb::arg("name"),
+      "Use kernel version `name` (one of qmatmul_isas()) for every later jvt_qmatmul call.");
   m.def(
       "attention_store_spec",
       [](int32_t store_id) -> nb::object {

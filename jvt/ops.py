@@ -25,8 +25,9 @@ _register_lock = threading.Lock()
 _registered = False
 
 
-def _register_targets() -> None:
-    """Register the FFI targets once: "cpu" always, "CUDA" when built with CUDA and a GPU exists."""
+def register_targets() -> None:
+    """Register the native FFI targets once: every "cpu" one (jvt_attention, jvt_qmatmul)
+    always, the "CUDA" ones when built with CUDA and a GPU exists."""
     global _registered
     with _register_lock:
         if _registered:
@@ -36,9 +37,11 @@ def _register_targets() -> None:
         from jvt import _native
 
         handlers = _native.registrations()
-        jax.ffi.register_ffi_target(TARGET, handlers["cpu"][TARGET], platform="cpu")
+        for name, capsule in handlers["cpu"].items():
+            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
         if "CUDA" in handlers and _gpu_backend_present():
-            jax.ffi.register_ffi_target(TARGET, handlers["CUDA"][TARGET], platform="CUDA")
+            for name, capsule in handlers["CUDA"].items():
+                jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
         _registered = True
 
 
@@ -146,7 +149,7 @@ def attention(q, k, v, meta: AttnMeta, *, store_id: int, layer: int, scale: floa
       out: [T, Hq, D] in q's dtype.
     """
     spec = _check_args(q, k, v, meta, store_id, layer, scale)
-    _register_targets()
+    register_targets()
     out = jax.ShapeDtypeStruct(q.shape, q.dtype)
     operands = (q, k, v, meta.seq_start, meta.seq_slot, meta.seq_len)
     attrs = {"store_id": np.int32(store_id), "layer": np.int32(layer),
