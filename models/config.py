@@ -14,6 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jvt.qmatmul import BLOCK, FORMATS
+
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -33,6 +35,11 @@ class ModelConfig:
     llama3 scaling this way, as the tensor rope_freqs.weight) is None or head_dim/2 floats that
     divide the rotary inverse frequencies; at most one of the two is set. eos_token_id is an int, a tuple of ints, or None.
     dtype is the storage and activation dtype of the weights: "bfloat16", "float16", "float32".
+    weight_format: "dense" (weights in dtype) or a GGML block format of jvt.qmatmul.FORMATS
+    ("q4_0", "q4_1", "q8_0") in which every q/k/v/o and gate/up/down projection is kept and
+    multiplied by the CPU kernel (models/quant.py); head_format: the same for the LM head (a
+    tied one: the embedding). Quantized weights need dtype "float32" and K dimensions that are
+    multiples of 32.
     """
 
     vocab_size: int
@@ -52,6 +59,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     dtype: str = "bfloat16"
+    weight_format: str = "dense"
+    head_format: str = "dense"
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -82,6 +91,7 @@ class ModelConfig:
                                  f"positive floats, got {len(factors)} values")
             if self.rope_scaling is not None:
                 raise ValueError("set rope_scaling or rope_freq_factors, not both")
+        self._check_formats()
         eos = self.eos_token_id
         if isinstance(eos, list):
             object.__setattr__(self, "eos_token_id", tuple(eos))
@@ -89,6 +99,28 @@ class ModelConfig:
             if tok is not None and not 0 <= tok < self.vocab_size:
                 raise ValueError(f"special token id {tok} is outside the vocabulary "
                                  f"[0, {self.vocab_size})")
+
+    def _check_formats(self) -> None:
+        """Quantized weights (models/quant.py): a known format, float32, whole blocks."""
+        for name in ("weight_format", "head_format"):
+            fmt = getattr(self, name)
+            if fmt == "dense":
+                continue
+            if fmt not in FORMATS:
+                raise ValueError(f"ModelConfig.{name} must be 'dense' or one of "
+                                 f"{sorted(FORMATS)}, got {fmt!r}")
+            if self.dtype != "float32":
+                raise ValueError(f"ModelConfig.{name}={fmt!r} needs dtype 'float32' (quantized "
+                                 "weights compute in float32 with the CPU kernel jvt_qmatmul), "
+                                 f"got {self.dtype!r}; for {self.dtype} use {name}='dense'")
+        inner = {"hidden_size": self.hidden_size}  # K of q/k/v/gate/up and of the LM head
+        if self.weight_format != "dense":
+            inner.update({"intermediate_size": self.intermediate_size,  # down_proj
+                          "num_heads * head_dim": self.num_heads * self.head_dim})  # o_proj
+        for name, k in inner.items():
+            if (self.weight_format != "dense" or self.head_format != "dense") and k % BLOCK:
+                raise ValueError(f"quantized weights need K dimensions that are multiples of "
+                                 f"{BLOCK} (whole GGML blocks); {name} is {k}")
 
     def __hash__(self):
         # Hashable so that jax.jit can take the config as a static argument; the one dict

@@ -1,5 +1,6 @@
-"""GGUF files (llama.cpp's format): the model config, Hugging Face-named float32 weights, and
-the metadata the tokenizer is built from.
+"""GGUF files (llama.cpp's format): the model config, Hugging Face-named float32 weights (or,
+for weights="quantized", the raw GGML blocks of the projections and LM head), and the metadata
+the tokenizer is built from.
 
 A GGUF file is a header (metadata key/values, then one info record per tensor) followed by the
 aligned tensor data. The header is parsed here with `struct`: gguf.GGUFReader builds numpy views
@@ -10,6 +11,7 @@ merges, on every open. Tensor data is memory-mapped and dequantized one tensor a
     config = read_config("model.gguf")                   # ModelConfig
     for hf_name, array in read_tensors("model.gguf", config):   # float32, HF layout
         ...
+    config = read_config("model.gguf", weights="quantized")   # weight_format="q4_1", ...
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
                    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 # Weights stored in one of these float types load in that dtype by default (see read_config).
 _FLOAT_DTYPES = {Q.F16: "float16", Q.BF16: "bfloat16"}
+WEIGHTS = ("dense", "quantized")
+# GGML types the jvt_qmatmul kernel reads -> their ModelConfig weight_format / head_format.
+KERNEL_FORMATS = {Q.Q4_0: "q4_0", Q.Q4_1: "q4_1", Q.Q8_0: "q8_0"}
 
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)  # version 1 used 32-bit counts and lengths; llama.cpp dropped it in 2023
@@ -193,13 +198,19 @@ def _type_names() -> str:
 # ---- config ----------------------------------------------------------------------------------
 
 
-def read_config(path: str | os.PathLike, dtype: str | None = None) -> ModelConfig:
+def read_config(path: str | os.PathLike, dtype: str | None = None,
+                weights: str = "dense") -> ModelConfig:
     """The ModelConfig of a GGUF model of architecture "llama" (Llama 2/3.x, Mistral, SmolLM)
     or "qwen2", from its metadata and tensor list.
 
     dtype: the caller's choice when given. By default "float16" or "bfloat16" when every weight
     matrix is stored in that type, else "float32": dequantized values (a float16 scale times a
     small integer) are exact in float32 but not always in a 16-bit type.
+
+    weights: "dense" (every weight dequantized into dtype) or "quantized": the q/k/v/o and
+    gate/up/down projections keep their GGML blocks (weight_format: their one type, which must
+    be Q4_0, Q4_1 or Q8_0) and so does the LM head (tied: the embedding) when it is stored in
+    one of those (head_format; else "dense"); dtype must then be float32 (the default).
 
     Llama 3.1-style rope scaling is read from the tensor rope_freqs.weight (llama.cpp stores the
     per-frequency divisors there) into rope_freq_factors. Raises ValueError for an unsupported
@@ -211,6 +222,11 @@ def read_config(path: str | os.PathLike, dtype: str | None = None) -> ModelConfi
     config = ModelConfig(**_config_fields(file, arch), dtype=dtype or "float32")
     table = _weight_table(config, arch)
     _check_tensors(file, table)
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if weights == "quantized":
+        return dataclasses.replace(config, dtype=dtype or "float32",
+                                   **_quantized_formats(file, table))
     if dtype is None:
         config = dataclasses.replace(config, dtype=_stored_dtype(file, table))
     return config
@@ -332,6 +348,23 @@ def _stored_dtype(file: GGUFFile, table: list[tuple[str, str, tuple, int | None]
     return "float32"
 
 
+def _quantized_formats(file: GGUFFile, table: list[tuple[str, str, tuple, int | None]]
+                       ) -> dict[str, str]:
+    """weight_format and head_format of read_config(weights="quantized")."""
+    projections = {g: file.tensors[g].qtype for g, hf, _, _ in table
+                   if hf.endswith("_proj.weight")}
+    types = set(projections.values())
+    if len(types) != 1 or next(iter(types)) not in KERNEL_FORMATS:
+        found = ", ".join(sorted(t.name for t in types))
+        raise ValueError(f"{file.path}: weights='quantized' needs every q/k/v/o/gate/up/down "
+                         f"projection stored in one type among "
+                         f"{', '.join(t.name for t in KERNEL_FORMATS)}; this file has {found} "
+                         "(load it with weights='dense' to dequantize)")
+    head = "output.weight" if "output.weight" in file.tensors else "token_embd.weight"
+    return {"weight_format": KERNEL_FORMATS[types.pop()],
+            "head_format": KERNEL_FORMATS.get(file.tensors[head].qtype, "dense")}
+
+
 # ---- weights ---------------------------------------------------------------------------------
 
 
@@ -347,6 +380,11 @@ def read_tensors(path: str | os.PathLike, config: ModelConfig
     llama's q/k projections are put back in HF order (llama.cpp's converter interleaves the two
     rotary halves of every head); qwen2 files are stored unpermuted.
 
+    Weights config keeps quantized (config.weight_format: the *_proj weights; head_format: the
+    LM head, i.e. lm_head.weight or, tied, the embedding) come as their raw GGML blocks instead:
+    uint8 [out_features, in_features / 32 * block bytes], rows in HF order (un-permuting whole
+    rows of blocks is exact). Their stored type must be that format.
+
     Everything is checked before the first tensor is yielded (names, shapes, types, unexpected
     tensors: ValueError naming the file and the tensor); then one tensor is dequantized at a
     time from the memory-mapped file.
@@ -355,9 +393,27 @@ def read_tensors(path: str | os.PathLike, config: ModelConfig
     arch = _architecture(file)
     table = _weight_table(config, arch)
     _check_tensors(file, table)
+    kept = {g: fmt for g, hf, _, _ in table if (fmt := _kept_format(config, hf)) != "dense"}
+    for gguf_name, fmt in kept.items():
+        stored = file.tensors[gguf_name].qtype
+        if KERNEL_FORMATS.get(stored) != fmt:
+            raise ValueError(f"{file.path}: tensor {gguf_name!r} is stored as {stored.name}, but "
+                             f"the config keeps it in {fmt!r} (weight_format "
+                             f"{config.weight_format!r}, head_format {config.head_format!r})")
     for gguf_name, hf_name, _, heads in table:
-        array = _dequantize(file, file.tensors[gguf_name])
+        info = file.tensors[gguf_name]
+        array = _blocks(file, info) if gguf_name in kept else _dequantize(file, info)
         yield hf_name, array if heads is None else _unpermute_rows(array, heads)
+
+
+def _kept_format(config: ModelConfig, hf_name: str) -> str:
+    """The format config keeps the HF weight hf_name in ("dense": dequantized)."""
+    if hf_name.endswith("_proj.weight"):
+        return config.weight_format
+    if hf_name == "lm_head.weight" or (hf_name == "model.embed_tokens.weight"
+                                       and config.tie_embeddings):
+        return config.head_format
+    return "dense"
 
 
 def _weight_table(c: ModelConfig, arch: str) -> list[tuple[str, str, tuple, int | None]]:
@@ -434,6 +490,13 @@ def _dequantize(file: GGUFFile, info: TensorInfo) -> np.ndarray:
     else:
         values = gguf.quants.dequantize(raw, info.qtype)
     return values.reshape(info.shape[::-1])
+
+
+def _blocks(file: GGUFFile, info: TensorInfo) -> np.ndarray:
+    """The tensor's raw blocks as a uint8 array [rows, row bytes] of its own."""
+    block, type_bytes = gguf.GGML_QUANT_SIZES[info.qtype]
+    raw = np.memmap(file.path, np.uint8, "r", offset=info.offset, shape=(info.nbytes,))
+    return np.array(raw.reshape(-1, info.shape[0] // block * type_bytes))
 
 
 def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:

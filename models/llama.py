@@ -25,7 +25,9 @@ Linear kernels are [in, out]. Shapes (H hidden, V vocab, Hq/Hkv heads, D head_di
     layers[i].mlp.down_proj.kernel              [I, H]        (mlp, embed)
     norm.weight                                 [H]           (embed,)
     lm_head.kernel                              [H, V]        (embed, vocab); None when tied
-(biases only with config.qkv_bias: Qwen2.)
+(biases only with config.qkv_bias: Qwen2.) With config.weight_format / head_format set to a
+GGML block format, the projections / the LM head are `QuantLinear`s (a tied one makes the
+embedding a `QuantEmbed`) holding uint8 blocks instead of kernels: models/quant.py.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from flax import nnx
 
 from jvt import ops
 from jvt.models.config import ModelConfig
+from jvt.models.quant import QuantEmbed, QuantLinear
 from jvt.types import AttnMeta
 
 Axes = tuple[str | None, ...]
@@ -75,6 +78,16 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.dot(x.astype(self.dtype), self.kernel[...])
         return y if self.bias is None else y + self.bias[...]
+
+
+def _projection(config: ModelConfig, din: int, dout: int, axes: Axes, *, use_bias: bool,
+                rngs: nnx.Rngs) -> Linear | QuantLinear:
+    """A q/k/v/o or gate/up/down projection: a Linear, or a QuantLinear when
+    config.weight_format is a quantized format (models/quant.py)."""
+    if config.weight_format != "dense":
+        return QuantLinear(din, dout, axes, fmt=config.weight_format, use_bias=use_bias,
+                           rngs=rngs)
+    return Linear(din, dout, axes, use_bias=use_bias, dtype=config.jnp_dtype, rngs=rngs)
 
 
 class Embed(nnx.Module):
@@ -146,20 +159,20 @@ class Attention(nnx.Module):
     """GQA self-attention of decoder layer `layer` over the KV store (jvt.ops.attention)."""
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
-        h, d, dtype = config.hidden_size, config.head_dim, config.jnp_dtype
+        h, d = config.hidden_size, config.head_dim
         bias = config.qkv_bias
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = (config.num_heads,
                                                             config.num_kv_heads, d)
         self.scale = d ** -0.5
-        self.q_proj = Linear(h, config.num_heads * d, ("embed", "heads"), use_bias=bias,
-                             dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(h, config.num_kv_heads * d, ("embed", "kv_heads"), use_bias=bias,
-                             dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(h, config.num_kv_heads * d, ("embed", "kv_heads"), use_bias=bias,
-                             dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(config.num_heads * d, h, ("heads", "embed"), use_bias=False,
-                             dtype=dtype, rngs=rngs)
+        self.q_proj = _projection(config, h, config.num_heads * d, ("embed", "heads"),
+                                  use_bias=bias, rngs=rngs)
+        self.k_proj = _projection(config, h, config.num_kv_heads * d, ("embed", "kv_heads"),
+                                  use_bias=bias, rngs=rngs)
+        self.v_proj = _projection(config, h, config.num_kv_heads * d, ("embed", "kv_heads"),
+                                  use_bias=bias, rngs=rngs)
+        self.o_proj = _projection(config, config.num_heads * d, h, ("heads", "embed"),
+                                  use_bias=False, rngs=rngs)
 
     def __call__(self, x: jax.Array, meta: AttnMeta, rope, attend) -> jax.Array:
         """x [T, H] -> [T, H]. attend(q, k, v, meta, layer=, scale=) runs the KV-store op."""
@@ -175,10 +188,10 @@ class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        h, i, dtype = config.hidden_size, config.intermediate_size, config.jnp_dtype
-        self.gate_proj = Linear(h, i, ("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(h, i, ("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(i, h, ("mlp", "embed"), use_bias=False, dtype=dtype, rngs=rngs)
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = _projection(config, h, i, ("embed", "mlp"), use_bias=False, rngs=rngs)
+        self.up_proj = _projection(config, h, i, ("embed", "mlp"), use_bias=False, rngs=rngs)
+        self.down_proj = _projection(config, i, h, ("mlp", "embed"), use_bias=False, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -211,15 +224,24 @@ class Llama(nnx.Module):
     """A LLaMA-family decoder; see the module docstring for the parameter tree."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        dtype = config.jnp_dtype
+        dtype, head = config.jnp_dtype, config.head_format
         self.config = config
-        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        # A quantized tied head keeps the embedding quantized too (one table, models/quant.py).
+        self.embed_tokens = (
+            QuantEmbed(config.vocab_size, config.hidden_size, fmt=head, rngs=rngs)
+            if config.tie_embeddings and head != "dense" else
+            Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs))
         self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs)
                                 for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.lm_head = None if config.tie_embeddings else Linear(
-            config.hidden_size, config.vocab_size, ("embed", "vocab"), use_bias=False,
-            dtype=dtype, rngs=rngs)
+        if config.tie_embeddings:
+            self.lm_head = None
+        elif head != "dense":
+            self.lm_head = QuantLinear(config.hidden_size, config.vocab_size, ("embed", "vocab"),
+                                       fmt=head, use_bias=False, rngs=rngs)
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"),
+                                  use_bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, meta: AttnMeta, *, store_id: int | None = None,
                  attend=None, reduce=_identity) -> jax.Array:
@@ -252,6 +274,8 @@ class Llama(nnx.Module):
         """[N, hidden_size] final hidden states -> [N, vocab_size] float32 logits."""
         if self.lm_head is None:
             return self.embed_tokens.attend(hidden)
+        if isinstance(self.lm_head, QuantLinear):
+            return self.lm_head(hidden)
         return jnp.dot(hidden, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
 
 

@@ -50,7 +50,7 @@ class Model:
     tokenizer: Tokenizer
 
 
-def load(model: str | os.PathLike, *, dtype: str | None = None,
+def load(model: str | os.PathLike, *, dtype: str | None = None, weights: str = "dense",
          cache_dir: str | os.PathLike | None = None, seed: int = 0,
          use_cache: bool = True) -> Model:
     """Load a model by preset name, real-model name, checkpoint directory or GGUF file.
@@ -62,19 +62,23 @@ def load(model: str | os.PathLike, *, dtype: str | None = None,
         llama-architecture .gguf file.
       dtype: weights/activations dtype ("bfloat16", "float16", "float32"); default: the
         preset's or the checkpoint's own (jvt.models.gguf.read_config for GGUF files).
+      weights: "dense" (every weight in dtype) or "quantized" (GGUF files only: the
+        projections and, when stored so, the LM head keep their Q4_0/Q4_1/Q8_0 blocks and run
+        on the CPU kernel jvt_qmatmul; float32 activations; see models/quant.py).
       cache_dir: root of the converted-weights cache (checkpoints only); default
         $JVT_CACHE_DIR or ~/.cache/jvt.
       seed: random-weights seed (presets only).
       use_cache: read and write the converted-weights cache (checkpoints only).
     """
     model = os.fspath(model)
+    _check_weights(model, weights)
     if model in PRESETS:
         config = _with_dtype(preset_config(model), dtype)
         return Model(config, init_module(config, seed), ByteTokenizer())
     if model in REAL_MODELS:
         model = locate_real_model(model)
     if os.path.isfile(model):
-        return _load_gguf(model, dtype, cache_dir, use_cache)
+        return _load_gguf(model, dtype, weights, cache_dir, use_cache)
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}), a real model "
                          f"({', '.join(REAL_MODELS)}), a local Hugging Face checkpoint "
@@ -85,22 +89,25 @@ def load(model: str | os.PathLike, *, dtype: str | None = None,
                                  lambda: read_hf_tensors(model, config)), tokenizer)
 
 
-def _load_gguf(path: str, dtype, cache_dir, use_cache: bool) -> Model:
+def _load_gguf(path: str, dtype, weights: str, cache_dir, use_cache: bool) -> Model:
     from jvt.models import gguf
     from jvt.models.tokenizer import GGUFTokenizer
 
     if not gguf.is_gguf(path):
         raise ValueError(f"{path} is a file but not a GGUF file (no GGUF magic); pass a .gguf "
                          "file or a Hugging Face checkpoint directory")
-    config = gguf.read_config(path, dtype)
+    config = gguf.read_config(path, dtype, weights)
     tokenizer = GGUFTokenizer(path, extra_eos=config.eos_ids)
     return Model(config, _cached(path, config, cache_dir, use_cache,
                                  lambda: gguf.read_tensors(path, config)), tokenizer)
 
 
-def read_config(model: str | os.PathLike, dtype: str | None = None) -> ModelConfig:
-    """The ModelConfig `load(model, dtype=dtype)` would give, without reading any weights."""
+def read_config(model: str | os.PathLike, dtype: str | None = None,
+                weights: str = "dense") -> ModelConfig:
+    """The ModelConfig `load(model, dtype=dtype, weights=weights)` would give, without reading
+    any weights."""
     model = os.fspath(model)
+    _check_weights(model, weights)
     if model in PRESETS:
         return _with_dtype(preset_config(model), dtype)
     if model in REAL_MODELS:
@@ -108,8 +115,22 @@ def read_config(model: str | os.PathLike, dtype: str | None = None) -> ModelConf
     if os.path.isfile(model):
         from jvt.models import gguf
 
-        return gguf.read_config(model, dtype)
+        return gguf.read_config(model, dtype, weights)
     return _with_dtype(read_hf_config(model), dtype)
+
+
+def _check_weights(model: str, weights: str) -> None:
+    """ValueError unless weights is "dense", or "quantized" for a GGUF file (the only source
+    of quantized blocks)."""
+    if weights == "dense":
+        return
+    if weights != "quantized":
+        raise ValueError(f"weights must be 'dense' or 'quantized', got {weights!r}")
+    path = locate_real_model(model) if model in REAL_MODELS else model
+    if not os.path.isfile(path):
+        raise ValueError(f"weights='quantized' keeps the Q4_0/Q4_1/Q8_0 blocks of a GGUF file; "
+                         f"{model!r} is not one (presets and Hugging Face checkpoints load "
+                         "with weights='dense')")
 
 
 def locate_real_model(name: str) -> str:
