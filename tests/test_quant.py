@@ -77,6 +77,15 @@ def test_qmatmul_equals_matmul_of_dequantized_weights(isa, fmt, k, n, t):
 
 
 @pytest.mark.parametrize("fmt", sorted(TYPES))
+@pytest.mark.parametrize("t", range(3, 15))
+def test_qmatmul_prefill_tiles(isa, fmt, t):
+    """Every remainder of the prefill tiles of x rows (3 rows with AVX2, 6 with AVX-512)."""
+    blocks, w = blocks_of(7, 96, fmt)
+    x = rng.standard_normal((t, 96)).astype(np.float32)
+    assert_within_rounding(np.asarray(_matmul(x, blocks, fmt)), x, w)
+
+
+@pytest.mark.parametrize("fmt", sorted(TYPES))
 @pytest.mark.parametrize("n, k", [(1536, 576), (576, 1536)])
 @pytest.mark.parametrize("t", [1, 2, 17])
 def test_qmatmul_of_model_shapes(isa, fmt, n, k, t):
