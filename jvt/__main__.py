@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default="smollm2-135m",
                         help="model name, GGUF file, checkpoint directory or preset")
         sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+        sp.add_argument("--weights", default="auto", choices=("auto", "dense", "quantized"),
+                        help="GGUF weights: kept quantized (CPU kernel), dequantized, or auto "
+                             "(quantized on the CPU)")
         sp.add_argument("--tensor-parallel", type=int, default=1,
                         help="split the model over this many devices (docs/scaling.md)")
         sp.add_argument("--dtype", default=None,
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                                     top_k=args.top_k, max_tokens=args.max_tokens,
                                     seed=args.seed)
         engine = jvt.Engine(args.model, device=args.device, dtype=args.dtype,
-                            tensor_parallel=args.tensor_parallel,
+                            tensor_parallel=args.tensor_parallel, weights=args.weights,
                             max_model_len=args.max_model_len, **options)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import time
 from collections.abc import Iterator
 
@@ -121,13 +122,16 @@ class Engine:
             raise ValueError(f"model must be a model name, a preset name, a checkpoint "
                              f"directory or GGUF file, or a jvt.models.Model, got "
                              f"{type(model).__name__}")
-        dtype = cfg.dtype
+        dtype, weights = cfg.dtype, cfg.weights
+        if weights == "auto":
+            quantizable = cfg.device == "cpu" and cfg.tensor_parallel == 1 and _is_gguf(model)
+            weights = "quantized" if quantizable else "dense"
         if cfg.device != "cpu":
             if dtype is None and models.read_config(model).dtype == "float32":
                 dtype = "bfloat16"  # the CUDA kernels run half precision
-            memory.check_weights_fit(models.read_config(model, dtype), devices,
+            memory.check_weights_fit(models.read_config(model, dtype, weights), devices,
                                      cfg.gpu_memory_utilization)
-        return models.load(model, dtype=dtype)
+        return models.load(model, dtype=dtype, weights=weights)
 
     # -- public API ----------------------------------------------------------------------
 
@@ -445,6 +449,15 @@ class Engine:
         self._requests[seq.request_id] = req
         self.scheduler.add(seq)
         return req
+
+
+def _is_gguf(model: str) -> bool:
+    """Whether model (a name or a path) is a GGUF file."""
+    from jvt.models import gguf
+
+    if model in models.REAL_MODELS:
+        model = models.locate_real_model(model)
+    return os.path.isfile(model) and gguf.is_gguf(model)
 
 
 def _is_token_list(x) -> bool:

@@ -16,6 +16,7 @@ import time
 ENGINE_FLAGS = (  # flag, type, help; each given flag becomes the EngineConfig field of its name
     ("--device", str, "cpu, cuda or cuda:N (default cpu)"),
     ("--dtype", str, "bfloat16, float16 or float32 (default: the model's; bfloat16 on CUDA)"),
+    ("--weights", str, "GGUF weights: auto (quantized on the CPU), dense or quantized"),
     ("--max-num-seqs", int, "KV slots: sequences running at once"),
     ("--max-model-len", int, "prompt + generated tokens of one sequence"),
     ("--max-num-batched-tokens", int, "token budget of one step"),
