@@ -17,7 +17,6 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
-#include <ctime>
 #include <memory>
 #include <mutex>
 
@@ -440,24 +439,11 @@ inline void cpu_relax() {
 #endif
 }
 
-int64_t thread_cpu_ns() {
-  timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
 int64_t wall_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
-
-// What one parallel_for call measured: the caller's share and times.
-struct ForStats {
-  int64_t caller_items = 0;  // items the calling thread ran
-  int64_t caller_cpu = 0;    // its CPU time running them, ns
-  int64_t wall = 0;          // wall time of the whole call, ns
-};
 
 // Runs body(i) for every i in [0, items) on the calling thread and on up to `helpers` tasks
 // of XLA's intra-op pool, each item claimed by one thread through an atomic counter. The call
@@ -466,18 +452,16 @@ struct ForStats {
 // claims whatever is left itself, and a task that starts late finds nothing to claim and
 // touches only the shared state, which it keeps alive.
 template <typename F>
-ForStats parallel_for(ffi::ThreadPool& pool, int64_t items, int64_t helpers, const F& body) {
+void parallel_for(ffi::ThreadPool& pool, int64_t items, int64_t helpers, const F& body) {
+  if (helpers == 0) {
+    for (int64_t i = 0; i < items; ++i) body(i);
+    return;
+  }
   struct State {
     std::atomic<int64_t> next{0}, done{0};
     std::mutex mu;
     std::condition_variable all_done;
   };
-  ForStats stats;
-  if (helpers == 0) {
-    for (int64_t i = 0; i < items; ++i) body(i);
-    return stats;
-  }
-  const int64_t start = wall_ns();
   auto state = std::make_shared<State>();
   auto work = [state, items, &body] {
     int64_t n = 0;
@@ -489,12 +473,9 @@ ForStats parallel_for(ffi::ThreadPool& pool, int64_t items, int64_t helpers, con
       std::lock_guard<std::mutex> lock(state->mu);  // no lost wake-up: the waiter holds mu
       state->all_done.notify_one();                 // between its check and its wait
     }
-    return n;
   };
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work(); });
-  const int64_t cpu = thread_cpu_ns();
-  stats.caller_items = work();
-  stats.caller_cpu = thread_cpu_ns() - cpu;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
+  work();
   auto finished = [&] { return state->done.load(std::memory_order_acquire) >= items; };
   // Only items that helpers are running remain. Spin a few microseconds (about one item), then
   // sleep: on a busy machine the helper may share this core, and spinning would starve it.
@@ -504,50 +485,51 @@ ForStats parallel_for(ffi::ThreadPool& pool, int64_t items, int64_t helpers, con
     std::unique_lock<std::mutex> lock(state->mu);
     state->all_done.wait(lock, finished);
   }
-  stats.wall = wall_ns() - start;
-  return stats;
 }
 
-// Whether to ask the pool for helpers. They pay only where another core is free: on a machine
-// busy with other work the woken pool thread runs on this same core, and every call pays the
-// wake-up and the context switches for nothing (measured on the 2-core build machine under a
-// load of 3: decode 15-20% slower with helpers on every matmul of 32 KiB or more). So calls
-// with helpers measure their speed-up (the caller's CPU time per item times the items, over
-// the wall time); after kStrikes calls in a row below kMinSpeedup, the next kBackoffCalls
-// calls (about 10 SmolLM2 decode steps) run alone, then helpers are tried again.
+// Whether a call asks the pool for helpers. They pay only where another core is free. On the
+// 2-core build machine with nothing else running, a helper starts within 1-3 us and halves
+// the LM head (2.2 -> 1.2 ms) and the MLP matmuls (65 -> 40 us); under a load of 3 the woken
+// pool thread shares the caller's core, and helpers on every call made decode 15-20% slower.
+// In the engine, between the matmuls of a decode step, the idle pool thread also falls asleep:
+// waking it there made the attention and MLP matmuls 2-4.6x slower with a helper, while the LM
+// head still gained. So each size class of call (log2 of weight bytes times x rows) keeps a
+// smoothed wall time per unit of work for both ways, runs the faster one, and every
+// kExplore-th call the other, so that both follow the machine's load (exploring costs about
+// 1.5% of a SmolLM2 decode step where helpers lose 2-4x; every 8th call cost 12%).
 class HelperPolicy {
  public:
-  bool allowed() {
-    int64_t skip = skip_.load(std::memory_order_relaxed);
-    while (skip > 0 && !skip_.compare_exchange_weak(skip, skip - 1)) {}
-    return skip <= 0;
+  bool use(int64_t work) {
+    Class& c = classes_[size_class(work)];
+    std::lock_guard<std::mutex> lock(mu_);
+    const bool faster = c.ns_per_unit[1] < c.ns_per_unit[0];
+    return ++c.calls % kExplore == 0 ? !faster : faster;
   }
 
-  void record(const ForStats& s, int64_t items) {
-    const bool helped = s.caller_items > 0 && s.wall > 0 &&
-                        static_cast<double>(s.caller_cpu) * items / s.caller_items >
-                            kMinSpeedup * static_cast<double>(s.wall);
-    if (helped) {
-      strikes_.store(0, std::memory_order_relaxed);
-    } else if (strikes_.fetch_add(1, std::memory_order_relaxed) + 1 >= kStrikes) {
-      strikes_.store(0, std::memory_order_relaxed);
-      skip_.store(kBackoffCalls, std::memory_order_relaxed);
-    }
+  void record(int64_t work, bool helped, int64_t wall) {
+    Class& c = classes_[size_class(work)];
+    const double t = static_cast<double>(wall) / work;
+    std::lock_guard<std::mutex> lock(mu_);
+    double& mean = c.ns_per_unit[helped];
+    mean = mean == 0 ? t : mean + (t - mean) / 8;
   }
 
  private:
-  static constexpr double kMinSpeedup = 1.2;
-  static constexpr int kStrikes = 3;
-  static constexpr int64_t kBackoffCalls = 2048;
-  std::atomic<int64_t> skip_{0};  // calls left that run without helpers
-  std::atomic<int> strikes_{0};   // consecutive calls whose helpers did not pay
+  static constexpr int kExplore = 64;
+  static int size_class(int64_t work) { return 63 - __builtin_clzll(work); }
+  struct Class {
+    uint64_t calls = 0;
+    double ns_per_unit[2] = {0, 0};  // alone, with helpers (0: not measured yet)
+  };
+  std::mutex mu_;
+  Class classes_[64];
 };
 
 HelperPolicy g_helpers;
 
-// Weight bytes times x rows per helper: below that a helper costs more than it saves (waking
-// a pool thread takes a few microseconds, decoding 128 KiB of Q4_1 about 20 on one core).
-constexpr int64_t kBytesPerHelper = 128 << 10;
+// Weight bytes times x rows below which a call never asks for helpers: waking a pool thread
+// takes a few microseconds, decoding 128 KiB of Q4_1 about 20 on one core.
+constexpr int64_t kHelperWork = 128 << 10;
 
 ffi::Error qmatmul_cpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                        ffi::Result<ffi::AnyBuffer> y, int32_t qtype) {
@@ -603,13 +585,15 @@ ffi::Error qmatmul_cpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   const int64_t groups = (N + kRowGroup - 1) / kRowGroup;
   const int64_t item_groups = std::max<int64_t>(1, groups / (8 * threads));
   const int64_t items = (groups + item_groups - 1) / item_groups;
-  const int64_t wanted = std::min({threads - 1, items - 1, N * p.row_bytes * T / kBytesPerHelper});
-  const int64_t helpers = wanted > 0 && g_helpers.allowed() ? wanted : 0;
-  const ForStats stats = parallel_for(pool, items, helpers, [&](int64_t i) {
+  const int64_t work = N * p.row_bytes * T;
+  const int64_t wanted = work >= kHelperWork ? std::min(threads - 1, items - 1) : 0;
+  const int64_t helpers = wanted > 0 && g_helpers.use(work) ? wanted : 0;
+  const int64_t start = wanted > 0 ? wall_ns() : 0;
+  parallel_for(pool, items, helpers, [&](int64_t i) {
     const int64_t n0 = i * item_groups * kRowGroup;
     rows(p, n0, std::min(N, n0 + item_groups * kRowGroup));
   });
-  if (helpers > 0) g_helpers.record(stats, items);
+  if (wanted > 0) g_helpers.record(work, helpers > 0, wall_ns() - start);
   return ffi::Error::Success();
 }
 

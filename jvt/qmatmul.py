@@ -30,14 +30,6 @@ def check_format(fmt: str) -> None:
         raise ValueError(f"quantized format must be one of {sorted(FORMATS)}, got {fmt!r}")
 
 
-def row_bytes(fmt: str, k: int) -> int:
-    """Bytes of one weight row of k values (k a positive multiple of 32) in format fmt."""
-    check_format(fmt)
-    if k <= 0 or k % BLOCK:
-        raise ValueError(f"a quantized row needs a positive multiple of {BLOCK} values, got {k}")
-    return k // BLOCK * FORMATS[fmt][1]
-
-
 def row_values(fmt: str, nbytes: int) -> int:
     """K, the values in one weight row of nbytes bytes in format fmt."""
     check_format(fmt)

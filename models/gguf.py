@@ -351,9 +351,7 @@ def _stored_dtype(file: GGUFFile, table: list[tuple[str, str, tuple, int | None]
 def _quantized_formats(file: GGUFFile, table: list[tuple[str, str, tuple, int | None]]
                        ) -> dict[str, str]:
     """weight_format and head_format of read_config(weights="quantized")."""
-    projections = {g: file.tensors[g].qtype for g, hf, _, _ in table
-                   if hf.endswith("_proj.weight")}
-    types = set(projections.values())
+    types = {file.tensors[g].qtype for g, hf, _, _ in table if hf.endswith("_proj.weight")}
     if len(types) != 1 or next(iter(types)) not in KERNEL_FORMATS:
         found = ", ".join(sorted(t.name for t in types))
         raise ValueError(f"{file.path}: weights='quantized' needs every q/k/v/o/gate/up/down "
