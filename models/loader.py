@@ -119,6 +119,17 @@ def read_config(model: str | os.PathLike, dtype: str | None = None,
     return _with_dtype(read_hf_config(model), dtype)
 
 
+def quantizable(model: str | os.PathLike) -> bool:
+    """Whether `load(model, weights="quantized")` can keep the model's weights quantized: a
+    GGUF file (or real model) whose projections are all stored in one of Q4_0, Q4_1, Q8_0.
+    False for every other source, and for a file load rejects in any case."""
+    try:
+        read_config(model, weights="quantized")
+    except ValueError:
+        return False
+    return True
+
+
 def _check_weights(model: str, weights: str) -> None:
     """ValueError unless weights is "dense", or "quantized" for a GGUF file (the only source
     of quantized blocks)."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from gguf import GGMLQuantizationType as Q
-from test_gguf import SMALL, Shape, bpe_vocabulary, convert, hf_weights, quantize
+from test_gguf import SMALL, WIDE, Shape, bpe_vocabulary, convert, hf_weights, quantize
 
 import jvt
 import jvt.models
@@ -295,6 +295,15 @@ def test_synthetic_gguf_cache_round_trip(tmp_path):
     a, b = nnx.state(first.module, nnx.Param), nnx.state(again.module, nnx.Param)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_quantizable(tmp_path):
+    assert jvt.models.loader.quantizable(synthetic(tmp_path, "q4_0", True, Q.F32))
+    assert not jvt.models.loader.quantizable(
+        convert(tmp_path / "f32.gguf", hf_weights(SMALL), SMALL, qtype=Q.F32))
+    assert not jvt.models.loader.quantizable(
+        convert(tmp_path / "q4k.gguf", hf_weights(WIDE), WIDE, qtype=Q.Q4_K))
+    assert not jvt.models.loader.quantizable("tiny")
 
 
 def test_unsupported_types_are_named(tmp_path):
