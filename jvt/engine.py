@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
 import time
 from collections.abc import Iterator
 
@@ -19,6 +18,7 @@ from tqdm import tqdm
 from jvt import memory, models, parallel
 from jvt.config import make_config
 from jvt.detokenize import IncrementalDetokenizer
+from jvt.models.loader import quantizable
 from jvt.platform import enable_compilation_cache, jax_devices
 from jvt.runner import Runner
 from jvt.scheduler import Scheduler, Sequence, Status
@@ -124,8 +124,8 @@ class Engine:
                              f"{type(model).__name__}")
         dtype, weights = cfg.dtype, cfg.weights
         if weights == "auto":
-            quantizable = cfg.device == "cpu" and cfg.tensor_parallel == 1 and _is_gguf(model)
-            weights = "quantized" if quantizable else "dense"
+            keep = cfg.device == "cpu" and cfg.tensor_parallel == 1 and quantizable(model)
+            weights = "quantized" if keep else "dense"
         if cfg.device != "cpu":
             if dtype is None and models.read_config(model).dtype == "float32":
                 dtype = "bfloat16"  # the CUDA kernels run half precision
@@ -449,15 +449,6 @@ class Engine:
         self._requests[seq.request_id] = req
         self.scheduler.add(seq)
         return req
-
-
-def _is_gguf(model: str) -> bool:
-    """Whether model (a name or a path) is a GGUF file."""
-    from jvt.models import gguf
-
-    if model in models.REAL_MODELS:
-        model = models.locate_real_model(model)
-    return os.path.isfile(model) and gguf.is_gguf(model)
 
 
 def _is_token_list(x) -> bool:
