@@ -124,7 +124,8 @@ class Engine:
                              f"{type(model).__name__}")
         dtype, weights = cfg.dtype, cfg.weights
         if weights == "auto":
-            keep = cfg.device == "cpu" and cfg.tensor_parallel == 1 and quantizable(model)
+            keep = (cfg.device == "cpu" and cfg.tensor_parallel == 1
+                    and dtype in (None, "float32") and quantizable(model))
             weights = "quantized" if keep else "dense"
         if cfg.device != "cpu":
             if dtype is None and models.read_config(model).dtype == "float32":

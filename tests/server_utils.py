@@ -26,7 +26,8 @@ class RemoteServer:
     """Starts the server on a free 127.0.0.1 port and waits for /health (or raises with its
     log). ``stop()`` terminates it; ``log()`` is everything it printed."""
 
-    def __init__(self, args: list[str], api_key: str | None = None, startup_s: float = 240.0):
+    def __init__(self, args: list[str], api_key: str | None = None, startup_s: float = 240.0,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -34,7 +35,8 @@ class RemoteServer:
         cmd = [sys.executable, "-m", "jvt", "serve", "--port", str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]
-        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        # The CPU unless `env` (the whole environment of the process) says otherwise.
+        env = env if env is not None else {**os.environ, "JAX_PLATFORMS": "cpu"}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + startup_s
         while True:
