@@ -155,9 +155,11 @@ inline xla::ffi::Error prepare_attention(
 
 // Handlers (defined in attention_cpu.cc and cuda/attention_handler.cu). Binding:
 //   Arg q, Arg k, Arg v, Arg seq_start, Arg seq_slot, Arg seq_len, Ret out,
-//   Attr<int32_t> store_id, Attr<int32_t> layer, Attr<float> scale, Ctx<DeviceOrdinal> first
-//   (on CUDA: Ctx<PlatformStream<cudaStream_t>> before it, and a second result, the u8
-//   workspace of attention_workspace_bytes).
+//   Ret workspace, Attr<int32_t> store_id, Attr<int32_t> layer, Attr<float> scale,
+//   Ctx<DeviceOrdinal> first (on CUDA: Ctx<PlatformStream<cudaStream_t>> before it). The
+//   workspace (u8) is attention_workspace_bytes on CUDA and 1 byte, unused, on the host: one
+//   call signature for both, so a host store reaching the CUDA handler gets its error, not a
+//   result-count mismatch.
 extern XLA_FFI_Handler* const kJvtAttentionCpu;
 #ifdef JVT_WITH_CUDA
 extern XLA_FFI_Handler* const kJvtAttentionCuda;

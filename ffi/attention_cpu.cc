@@ -247,7 +247,8 @@ void attend(const AttnParams& p, const std::vector<Seq>& seqs) {
 ffi::Error attention_cpu(int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                          ffi::AnyBuffer seq_start, ffi::AnyBuffer seq_slot,
                          ffi::AnyBuffer seq_len, ffi::Result<ffi::AnyBuffer> out,
-                         int32_t store_id, int32_t layer, float scale) {
+                         ffi::Result<ffi::AnyBuffer> /*workspace*/, int32_t store_id,
+                         int32_t layer, float scale) {
   std::string why;
   std::shared_ptr<KVStore> store = find_store_for(store_id, ordinal, &why);
   if (store && store->spec().device >= 0) {
@@ -284,6 +285,8 @@ XLA_FFI_DEFINE_HANDLER(kAttentionCpuHandler, attention_cpu,
                            .Arg<ffi::AnyBuffer>()          // seq_slot int32 [S]
                            .Arg<ffi::AnyBuffer>()          // seq_len int32 [S]
                            .Ret<ffi::AnyBuffer>()          // out [T, Hq, D]
+                           .Ret<ffi::AnyBuffer>()          // workspace u8 [1], unused: both
+                                                           // handlers take one call signature
                            .Attr<int32_t>("store_id")      // key of the native store registry
                            .Attr<int32_t>("layer")         // decoder layer in [0, layers)
                            .Attr<float>("scale"));         // softmax scale

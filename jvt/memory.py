@@ -62,6 +62,14 @@ def plan(mc: ModelConfig, *, devices: list[jax.Device], max_num_seqs: int,
         cap = host_kv_cap() // n
     else:
         cap = min(_gpu_room(d, gpu_memory_utilization, 0) for d in devices)
+        if cap < chunk:
+            held = max((d.memory_stats() or {}).get("pool_bytes", 0) for d in devices)
+            raise ValueError(
+                f"the KV cache gets no room: under gpu_memory_utilization="
+                f"{gpu_memory_utilization} XLA's pool already holds {held / 2**30:.1f} GiB of a "
+                "device (if JAX started before the Engine, e.g. to build the model, it took its "
+                "default pool: set XLA_PYTHON_CLIENT_PREALLOCATE=false before importing JAX) "
+                "or other processes use the GPU: raise gpu_memory_utilization or free memory")
     max_len = max_model_len or _default_max_model_len(mc, token_bytes, chunk, cap)
     if max_len > mc.max_position_embeddings:
         raise ValueError(f"max_model_len={max_len} exceeds the model's "

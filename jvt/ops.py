@@ -154,14 +154,14 @@ def attention(q, k, v, meta: AttnMeta, *, store_id: int, layer: int, scale: floa
     operands = (q, k, v, meta.seq_start, meta.seq_slot, meta.seq_len)
     attrs = {"store_id": np.int32(store_id), "layer": np.int32(layer),
              "scale": np.float32(scale)}
-    if spec["device"] < 0:
-        return jax.ffi.ffi_call(TARGET, out)(*operands, **attrs)
-    from jvt import _native
+    size = 1  # the host handler's workspace: unused, there for one call signature
+    if spec["device"] >= 0:
+        from jvt import _native
 
-    t, hq, d = q.shape
-    size = _native.attention_workspace_bytes(t, meta.seq_slot.shape[0], hq, k.shape[1], d,
-                                             _CUDA_DTYPE_CODES[q.dtype])
-    workspace = jax.ShapeDtypeStruct((max(size, 1),), jnp.uint8)  # XLA-owned temporaries
+        t, hq, d = q.shape
+        size = max(1, _native.attention_workspace_bytes(t, meta.seq_slot.shape[0], hq,
+                                                        k.shape[1], d, _CUDA_DTYPE_CODES[q.dtype]))
+    workspace = jax.ShapeDtypeStruct((size,), jnp.uint8)  # XLA-owned temporaries
     return jax.ffi.ffi_call(TARGET, (out, workspace))(*operands, **attrs)[0]
 
 

@@ -394,7 +394,9 @@ def test_native_validation_of_direct_calls(layer, kv_heads, message):
     with make_store(jnp.float32) as store:
         args = _args(store, hkv=kv_heads)
         meta = args["meta"]
-        call = jax.ffi.ffi_call(ops.TARGET, jax.ShapeDtypeStruct(args["q"].shape, jnp.float32))
+        ops.register_targets()
+        call = jax.ffi.ffi_call(ops.TARGET, (jax.ShapeDtypeStruct(args["q"].shape, jnp.float32),
+                                             jax.ShapeDtypeStruct((1,), jnp.uint8)))
         with pytest.raises((RuntimeError, ValueError), match=message):
             call(args["q"], args["k"], args["v"], meta.seq_start, meta.seq_slot, meta.seq_len,
                  store_id=np.int32(store.store_id), layer=np.int32(layer),
