@@ -398,11 +398,12 @@ CPU = [("smollm2-135m", {"max_num_seqs": 16, "max_model_len": 1024},
         Plan("random", 64, math.inf, 16, 64, 128))]
 GPU = [("llama-3.2-1b", {"max_num_seqs": 64, "max_model_len": 2048, "device": "cuda",
                          "dtype": "bfloat16"},
-        Plan("sharegpt", 256, math.inf, 16, 1024, 512))]
+        Plan("sharegpt", 256, math.inf, 64, 1024, 512))]
 
 
 def run(report: Report, smoke: bool) -> None:
-    """bench/run.py part: HTTP vs in-process at concurrency 16 (4 in the smoke run)."""
+    """bench/run.py part: HTTP vs in-process at concurrency 16 on the CPU, 64 on a GPU (4 in
+    the smoke run)."""
     for model, opts, plan in SMOKE if smoke else (GPU if _device() == "cuda" else CPU):
         if report.out_of_time("serve", model):
             continue
