@@ -132,6 +132,22 @@ def test_completion_defaults_and_echo(client):
     assert "".join(c.choices[0].text for c in chunks) == echoed.choices[0].text
 
 
+def test_max_tokens_up_to_the_context_left(client):
+    """max_tokens may take exactly what the context leaves after the prompt (one more is the
+    400 of BAD_REQUESTS); unset, the request may run to the end of the context."""
+    prompt = "x" * 500
+    room = MAX_MODEL_LEN - prompt_tokens(prompt)
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=room,
+                                    extra_body={"ignore_eos": True})
+    assert (out.usage.completion_tokens, out.choices[0].finish_reason) == (room, "length")
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES,
+                                          extra_body={"ignore_eos": True})
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens == MAX_MODEL_LEN
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=room + 1)
+    assert e.value.body["param"] == "max_tokens"
+
+
 def test_n_and_seed(client):
     kw = {"model": "tiny", "prompt": "Roll", "max_tokens": 12, "temperature": 1.0,
           "extra_body": {"ignore_eos": True}}
@@ -301,6 +317,14 @@ BAD_REQUESTS = [  # (route, body, param)
     ("/v1/completions", {**COMPLETION, "prompt": "x" * MAX_MODEL_LEN, "stream": True},
      "prompt"),
     ("/v1/completions", {"model": "tiny"}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": MAX_MODEL_LEN}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "prompt": ["ok", "x" * 500], "max_tokens": 16},
+     "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": MAX_MODEL_LEN, "stream": True},
+     "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": MAX_MODEL_LEN}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": MAX_MODEL_LEN},
+     "max_completion_tokens"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "hi"}]},
      "messages"),

@@ -145,6 +145,23 @@ class ServingContext:
                                 f"{self.served_names}.", "model")
         return requested
 
+    def check_room(self, prompt: str | list[int], max_tokens: int | None, name: str,
+                   field: str) -> None:
+        """400 (param ``field``) when an explicit max_tokens does not fit the model's context
+        after the prompt, as vLLM and OpenAI answer (None: whatever room is left). A prompt
+        that leaves no room at all is left to the engine's own error about the prompt."""
+        if max_tokens is None:
+            return
+        tok = self.tokenizer
+        n = len(tok.encode(prompt, add_bos=tok.add_bos)) if isinstance(prompt, str) \
+            else len(prompt)
+        room = self.max_model_len - n
+        if 0 < room < max_tokens:
+            raise APIError(400, f"{name} has {n} tokens and {field}={max_tokens} asks for "
+                                f"{max_tokens} more, but this model's maximum context length is "
+                                f"{self.max_model_len} tokens: {field} may be at most {room}",
+                           field)
+
     async def submit(self, items: list[tuple[str | list[int], SamplingParams]], param: str,
                      item_name=None) -> Generation:
         """Queue ``items`` in the engine; the Generation once the engine has accepted all.

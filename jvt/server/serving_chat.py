@@ -53,6 +53,9 @@ class ChatServing:
             params = req.sampling_params(ctx.max_model_len)
         except ValueError as e:
             raise bad_sampling_params(e, {"logprobs": "top_logprobs"}) from None
+        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        ctx.check_room(ids, req.max_completion_tokens if req.max_completion_tokens is not None
+                       else req.max_tokens, "messages", field)
         gen = await ctx.submit([(ids, sp) for sp in params], "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
         if req.stream:

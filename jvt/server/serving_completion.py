@@ -43,6 +43,9 @@ class CompletionServing:
             params = req.sampling_params(ctx.max_model_len)
         except ValueError as e:
             raise bad_sampling_params(e) from None
+        for i, p in enumerate(prompts):
+            ctx.check_room(p, req.max_tokens, f"prompt[{i}]" if len(prompts) > 1 else "prompt",
+                           "max_tokens")
         n = req.n
         gen = await ctx.submit([(p, sp) for p in prompts for sp in params], "prompt",
                                lambda i: f"prompt[{i // n}]")
