@@ -44,6 +44,9 @@ class Shape:
 FULL = Shape(32, 8, 128, decode=((1, 32768), (8, 16384), (32, 4096), (128, 1024)),
              prefill=(1024, 4096, 16384))
 SMOKE = Shape(8, 2, 64, decode=((1, 97), (3, 40)), prefill=(17, 97))
+# Prefill with the other head dim the CUDA kernels take (SmolLM2 and other small models).
+FULL_OTHER_D = Shape(32, 8, 64, decode=(), prefill=(4096, 16384))
+SMOKE_OTHER_D = Shape(8, 2, 128, decode=(), prefill=(17,))
 
 
 def on_gpu() -> bool:
@@ -344,7 +347,8 @@ def _np(x) -> np.ndarray:
 
 
 def run_prefill(report: Report, shape: Shape) -> None:
-    table = report.table("Prefill attention (one causal sequence, bf16)",
+    table = report.table(f"Prefill attention (one causal sequence, bf16, Hq {shape.q_heads} / "
+                         f"Hkv {shape.kv_heads} / D {shape.head_dim})",
                          ["tokens", "impl", "ms", "TFLOP/s", "max err (sampled rows)"])
     table.notes.append("FLOPs = 2 * 2 * Hq * D * T^2 / 2 (causal half); checked on 48 rows "
                        "(first, last and random) against an fp32 reference")
@@ -383,7 +387,8 @@ def run_prefill(report: Report, shape: Shape) -> None:
     t = max(shape.prefill)
     peer = "jax cudnn" if on_gpu() else "jax xla"
     if (t, "jvt") in rows_by and (t, peer) in rows_by:
-        report.headline_row("prefill attention", f"TFLOP/s at {t} tokens", rows_by[(t, "jvt")][3],
+        report.headline_row("prefill attention", f"TFLOP/s at {t} tokens, D {shape.head_dim}",
+                            rows_by[(t, "jvt")][3],
                             peer, rows_by[(t, peer)][3], higher_is_better=True)
 
 
@@ -414,7 +419,8 @@ def _jvt_prefill(shape, q, k, v, scale, stack):
 
 
 def run(report: Report, smoke: bool) -> None:
-    """Decode grid, then prefill; the copy bandwidth is measured first (the floor)."""
+    """Decode grid, then prefill at D 128 and at D 64; the copy bandwidth is measured first
+    (the floor)."""
     from bench.common import copy_bandwidth
 
     shape = SMOKE if smoke else FULL
@@ -423,6 +429,7 @@ def run(report: Report, smoke: bool) -> None:
     report.meta["copy_bandwidth_GBps"] = round(bandwidth / 1e9, 1)
     run_decode(report, shape, bandwidth)
     run_prefill(report, shape)
+    run_prefill(report, SMOKE_OTHER_D if smoke else FULL_OTHER_D)
     if not torch_cuda_reason():
         import torch
 
