@@ -392,6 +392,81 @@ def run_prefill(report: Report, shape: Shape) -> None:
                             peer, rows_by[(t, peer)][3], higher_is_better=True)
 
 
+def run_chunked_prefill(report: Report, shape: Shape, prefix: int, chunk: int) -> None:
+    """`chunk` new tokens of one sequence over `prefix` tokens already in the store (jvt), or
+    over a dense K/V array with a bottom-right causal mask given as a bias (the peers)."""
+    table = report.table(f"Chunked prefill ({chunk} new tokens over a cached prefix of "
+                         f"{prefix}, bf16, Hq {shape.q_heads} / Hkv {shape.kv_heads} / "
+                         f"D {shape.head_dim})",
+                         ["impl", "ms", "TFLOP/s", "max err (sampled rows)"])
+    table.notes.append("FLOPs = 2 * 2 * Hq * D * chunk * (prefix + (chunk + 1) / 2); checked "
+                       "on 48 rows of the chunk against an fp32 reference over all tokens; the "
+                       "peers read a [chunk, prefix + chunk] bf16 mask bias (the bottom-right "
+                       "causal alignment jax's is_causal lacks)")
+    scale = shape.head_dim ** -0.5
+    t = prefix + chunk
+    key = jax.random.split(jax.random.key(t), 3)
+    q = jax.random.normal(key[0], (t, shape.q_heads, shape.head_dim), jnp.bfloat16)
+    k = jax.random.normal(key[1], (t, shape.kv_heads, shape.head_dim), jnp.bfloat16)
+    v = jax.random.normal(key[2], (t, shape.kv_heads, shape.head_dim), jnp.bfloat16)
+    rng = np.random.default_rng(t)
+    rows = np.unique(np.concatenate([np.arange(min(8, chunk)), np.arange(max(0, chunk - 8), chunk),
+                                     rng.integers(0, chunk, 32)]))
+    ref = causal_reference_rows(q, k, v, rows + prefix, scale)
+    flops = 2 * 2 * shape.q_heads * shape.head_dim * chunk * (prefix + (chunk + 1) / 2)
+    impls = {"jvt": None, "jax cudnn": "cudnn"} if on_gpu() else {"jvt": None, "jax xla": "xla"}
+    for name, impl in impls.items():
+        stack = _Stack()
+        try:
+            log(f"chunked prefill {chunk} over {prefix} {name}")
+            if impl is None:
+                run, checked = _jvt_chunk(shape, q, k, v, prefix, scale, stack)
+            else:
+                run = checked = _dpa_chunk(impl, q, k, v, prefix, scale)
+            err = check_close(f"chunk {name}", _np(checked())[rows], ref)
+            timing = time_fn(run, reps=7)
+        except Exception as e:  # noqa: BLE001 - includes CheckError: reported, not timed
+            report.skip("kernels", f"chunked prefill {name}",
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            continue
+        finally:
+            stack.close()
+        table.add(name, timing.median_s * 1e3, flops / timing.median_s / 1e12, err)
+
+
+def _jvt_chunk(shape, q, k, v, prefix, scale, stack):
+    from jvt import ops
+
+    t = q.shape[0]
+    store = stack(_store(shape, 1, t))
+    store.reserve(0, t)
+    store.apply_pending()
+    sid = store.store_id
+    f = jax.jit(lambda qq, kk, vv, m: ops.attention(qq, kk, vv, m, store_id=sid, layer=0,
+                                                    scale=scale))
+    f(q[:prefix], k[:prefix], v[:prefix], _meta([0, prefix], [0], [prefix],
+                                                 np.arange(prefix))).block_until_ready()
+    meta = _meta([0, t - prefix], [0], [t], np.arange(prefix, t))
+    qc, kc, vc = q[prefix:], k[prefix:], v[prefix:]
+
+    def checked():
+        out = f(qc, kc, vc, meta)
+        store.check()
+        return out
+
+    return (lambda: f(qc, kc, vc, meta)), checked
+
+
+def _dpa_chunk(impl: str, q, k, v, prefix: int, scale: float):
+    t = q.shape[0]
+    allowed = np.arange(t)[None, :] <= np.arange(prefix, t)[:, None]
+    bias = jnp.asarray(np.where(allowed, 0.0, -1e9)[None, None], jnp.bfloat16)
+    f = jax.jit(lambda qq, kk, vv, bb: jax.nn.dot_product_attention(
+        qq[None], kk[None], vv[None], bias=bb, scale=scale, implementation=impl)[0])
+    qc = q[prefix:]
+    return lambda: f(qc, k, v, bias)
+
+
 def _dpa_prefill(impl: str, q, k, v, scale: float):
     f = jax.jit(lambda qq, kk, vv: jax.nn.dot_product_attention(
         qq[None], kk[None], vv[None], scale=scale, is_causal=True, implementation=impl)[0])
@@ -419,8 +494,8 @@ def _jvt_prefill(shape, q, k, v, scale, stack):
 
 
 def run(report: Report, smoke: bool) -> None:
-    """Decode grid, then prefill at D 128 and at D 64; the copy bandwidth is measured first
-    (the floor)."""
+    """Decode grid, prefill at D 128 and at D 64, a prefill chunk over a cached prefix; the
+    copy bandwidth is measured first (the floor)."""
     from bench.common import copy_bandwidth
 
     shape = SMOKE if smoke else FULL
@@ -430,6 +505,7 @@ def run(report: Report, smoke: bool) -> None:
     run_decode(report, shape, bandwidth)
     run_prefill(report, shape)
     run_prefill(report, SMOKE_OTHER_D if smoke else FULL_OTHER_D)
+    run_chunked_prefill(report, shape, *((80, 17) if smoke else (14336, 2048)))
     if not torch_cuda_reason():
         import torch
 
