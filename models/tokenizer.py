@@ -305,9 +305,40 @@ class GGUFTokenizer:
         _check_messages(messages)
         if not self.chat_template:
             raise _no_chat_template(f"the GGUF file {self.path}")
-        text = self._hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = self._template.render(messages=messages, tools=None, documents=None,
+                                     add_generation_prompt=add_generation_prompt,
+                                     **self._special_tokens)
         return self.encode(text)
+
+    @property
+    def _special_tokens(self) -> dict[str, str]:
+        """bos_token, eos_token, ...: the special tokens' text, as templates see them."""
+        return {k: self._tokens[i] for k, i in self._special.items() if i is not None}
+
+    @functools.cached_property
+    def _template(self):
+        """The chat template compiled as transformers compiles it (a sandboxed Jinja
+        environment with its options, `tojson` filter and globals), without importing
+        transformers (seconds, and a warning where torch is absent)."""
+        import datetime
+        import json
+
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                              separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        return env.from_string(self.chat_template)
 
     def save_hf(self, directory: str | os.PathLike) -> None:
         """Write this tokenizer as a Hugging Face fast tokenizer (same ids, BOS rule and chat
@@ -320,7 +351,6 @@ class GGUFTokenizer:
         (Jinja, with its sandbox and helpers) and writes HF tokenizer files."""
         from transformers import PreTrainedTokenizerFast
 
-        names = {k: self._tokens[i] for k, i in self._special.items() if i is not None}
-        tok = PreTrainedTokenizerFast(tokenizer_object=self._raw, **names)
+        tok = PreTrainedTokenizerFast(tokenizer_object=self._raw, **self._special_tokens)
         tok.chat_template = self.chat_template
         return tok
