@@ -13,6 +13,7 @@ a jitted decode step re-writes the last position and attends over all L tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -367,22 +368,11 @@ def run_prefill(report: Report, shape: Shape) -> None:
         ref = causal_reference_rows(q, k, v, rows, scale)
         flops = 2 * 2 * shape.q_heads * shape.head_dim * t * t / 2
         for name, impl in impls.items():
-            stack = _Stack()
-            try:
-                log(f"prefill {t} {name}")
-                if impl is None:
-                    run, checked = _jvt_prefill(shape, q, k, v, scale, stack)
-                else:
-                    run = checked = _dpa_prefill(impl, q, k, v, scale)
-                err = check_close(f"prefill {t} {name}", _np(checked())[rows], ref)
-                timing = time_fn(run, reps=7)
-            except Exception as e:  # noqa: BLE001 - includes CheckError: reported, not timed
-                report.skip("kernels", f"prefill {t} {name}",
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                continue
-            finally:
-                stack.close()
-            table.add(t, name, timing.median_s * 1e3, flops / timing.median_s / 1e12, err)
+            make = functools.partial(_prefill_pair, impl, shape, q, k, v, scale)
+            measured = _checked_timing(report, f"prefill {t} {name}", make, rows, ref)
+            if measured is not None:
+                seconds, err = measured
+                table.add(t, name, seconds * 1e3, flops / seconds / 1e12, err)
     rows_by = {(r[0], r[1]): r for r in table.rows}
     t = max(shape.prefill)
     peer = "jax cudnn" if on_gpu() else "jax xla"
@@ -416,22 +406,45 @@ def run_chunked_prefill(report: Report, shape: Shape, prefix: int, chunk: int) -
     flops = 2 * 2 * shape.q_heads * shape.head_dim * chunk * (prefix + (chunk + 1) / 2)
     impls = {"jvt": None, "jax cudnn": "cudnn"} if on_gpu() else {"jvt": None, "jax xla": "xla"}
     for name, impl in impls.items():
-        stack = _Stack()
-        try:
-            log(f"chunked prefill {chunk} over {prefix} {name}")
-            if impl is None:
-                run, checked = _jvt_chunk(shape, q, k, v, prefix, scale, stack)
-            else:
-                run = checked = _dpa_chunk(impl, q, k, v, prefix, scale)
-            err = check_close(f"chunk {name}", _np(checked())[rows], ref)
-            timing = time_fn(run, reps=7)
-        except Exception as e:  # noqa: BLE001 - includes CheckError: reported, not timed
-            report.skip("kernels", f"chunked prefill {name}",
-                        f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-            continue
-        finally:
-            stack.close()
-        table.add(name, timing.median_s * 1e3, flops / timing.median_s / 1e12, err)
+        make = functools.partial(_chunk_pair, impl, shape, q, k, v, prefix, scale)
+        measured = _checked_timing(report, f"chunked prefill {chunk} over {prefix} {name}",
+                                   make, rows, ref)
+        if measured is not None:
+            seconds, err = measured
+            table.add(name, seconds * 1e3, flops / seconds / 1e12, err)
+
+
+def _prefill_pair(impl, shape, q, k, v, scale, stack):
+    """(run, checked) of one causal prefill: jvt's op (impl None) or dot_product_attention."""
+    if impl is None:
+        return _jvt_prefill(shape, q, k, v, scale, stack)
+    f = _dpa_prefill(impl, q, k, v, scale)
+    return f, f
+
+
+def _chunk_pair(impl, shape, q, k, v, prefix, scale, stack):
+    """(run, checked) of one chunk over a cached prefix: jvt's op or dot_product_attention."""
+    if impl is None:
+        return _jvt_chunk(shape, q, k, v, prefix, scale, stack)
+    f = _dpa_chunk(impl, q, k, v, prefix, scale)
+    return f, f
+
+
+def _checked_timing(report: Report, label: str, make, rows: np.ndarray, ref: np.ndarray):
+    """(median seconds, max error) of the (run, checked) pair `make(stack)` builds, its
+    output rows checked against `ref` first; None (reported as skipped) when it fails or is
+    wrong."""
+    stack = _Stack()
+    try:
+        log(label)
+        run, checked = make(stack)
+        err = check_close(label, _np(checked())[rows], ref)
+        return time_fn(run, reps=7).median_s, err
+    except Exception as e:  # noqa: BLE001 - includes CheckError: reported, not timed
+        report.skip("kernels", label, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        return None
+    finally:
+        stack.close()
 
 
 def _jvt_chunk(shape, q, k, v, prefix, scale, stack):
