@@ -354,17 +354,12 @@ def run_prefill(report: Report, shape: Shape) -> None:
     table.notes.append("FLOPs = 2 * 2 * Hq * D * T^2 / 2 (causal half); checked on 48 rows "
                        "(first, last and random) against an fp32 reference")
     scale = shape.head_dim ** -0.5
-    impls = {"jvt": None, "jax cudnn": "cudnn"} if on_gpu() else {"jvt": None, "jax xla": "xla"}
+    impls = _prefill_impls()
     if not on_gpu():
         report.skip("kernels", "prefill jax cudnn", "needs a GPU")
     for t in shape.prefill:
-        key = jax.random.split(jax.random.key(t), 3)
-        q = jax.random.normal(key[0], (t, shape.q_heads, shape.head_dim), jnp.bfloat16)
-        k = jax.random.normal(key[1], (t, shape.kv_heads, shape.head_dim), jnp.bfloat16)
-        v = jax.random.normal(key[2], (t, shape.kv_heads, shape.head_dim), jnp.bfloat16)
-        rng = np.random.default_rng(t)
-        rows = np.unique(np.concatenate([np.arange(min(8, t)), np.arange(max(0, t - 8), t),
-                                         rng.integers(0, t, 32)]))
+        q, k, v = _random_sequence(shape, t)
+        rows = _checked_rows(t, seed=t)
         ref = causal_reference_rows(q, k, v, rows, scale)
         flops = 2 * 2 * shape.q_heads * shape.head_dim * t * t / 2
         for name, impl in impls.items():
@@ -395,23 +390,38 @@ def run_chunked_prefill(report: Report, shape: Shape, prefix: int, chunk: int) -
                        "causal alignment jax's is_causal lacks)")
     scale = shape.head_dim ** -0.5
     t = prefix + chunk
-    key = jax.random.split(jax.random.key(t), 3)
-    q = jax.random.normal(key[0], (t, shape.q_heads, shape.head_dim), jnp.bfloat16)
-    k = jax.random.normal(key[1], (t, shape.kv_heads, shape.head_dim), jnp.bfloat16)
-    v = jax.random.normal(key[2], (t, shape.kv_heads, shape.head_dim), jnp.bfloat16)
-    rng = np.random.default_rng(t)
-    rows = np.unique(np.concatenate([np.arange(min(8, chunk)), np.arange(max(0, chunk - 8), chunk),
-                                     rng.integers(0, chunk, 32)]))
+    q, k, v = _random_sequence(shape, t)
+    rows = _checked_rows(chunk, seed=t)
     ref = causal_reference_rows(q, k, v, rows + prefix, scale)
     flops = 2 * 2 * shape.q_heads * shape.head_dim * chunk * (prefix + (chunk + 1) / 2)
-    impls = {"jvt": None, "jax cudnn": "cudnn"} if on_gpu() else {"jvt": None, "jax xla": "xla"}
-    for name, impl in impls.items():
+    for name, impl in _prefill_impls().items():
         make = functools.partial(_chunk_pair, impl, shape, q, k, v, prefix, scale)
         measured = _checked_timing(report, f"chunked prefill {chunk} over {prefix} {name}",
                                    make, rows, ref)
         if measured is not None:
             seconds, err = measured
             table.add(name, seconds * 1e3, flops / seconds / 1e12, err)
+
+
+def _random_sequence(shape: Shape, t: int):
+    """q [t, Hq, D], k and v [t, Hkv, D] of one sequence, bf16 N(0, 1), seeded by t."""
+    key = jax.random.split(jax.random.key(t), 3)
+    q = jax.random.normal(key[0], (t, shape.q_heads, shape.head_dim), jnp.bfloat16)
+    k = jax.random.normal(key[1], (t, shape.kv_heads, shape.head_dim), jnp.bfloat16)
+    v = jax.random.normal(key[2], (t, shape.kv_heads, shape.head_dim), jnp.bfloat16)
+    return q, k, v
+
+
+def _checked_rows(n: int, seed: int) -> np.ndarray:
+    """The rows of n checked against the fp32 reference: the first 8, the last 8, 32 random."""
+    rng = np.random.default_rng(seed)
+    return np.unique(np.concatenate([np.arange(min(8, n)), np.arange(max(0, n - 8), n),
+                                     rng.integers(0, n, 32)]))
+
+
+def _prefill_impls() -> dict[str, str | None]:
+    """Prefill implementations: jvt's op (None) and dot_product_attention's peer here."""
+    return {"jvt": None, "jax cudnn": "cudnn"} if on_gpu() else {"jvt": None, "jax xla": "xla"}
 
 
 def _prefill_pair(impl, shape, q, k, v, scale, stack):

@@ -13,10 +13,11 @@ gives the device's idle share between consecutive decode steps, 1 - device / ITL
 work the one-step overlap does not hide). "compile" is one bucket's lower + compile with
 JAX's persistent compilation cache off: "compile" times the (16, 16) greedy-only step, the same
 program in every version, "compile shape" what the engine compiles for that shape (greedy-only
-and sampling variants, or on the CPU since the port a single variant choosing on the device). Greedy tokens of a few prompts are recorded from a
-checkpoint saved under --checkpoints on first use (random preset weights saved as a Hugging
-Face checkpoint), so that two versions of jvt run on the very same weights; --compare names a
-JSON of an earlier run and adds the ratios and a tokens-identical column.
+and sampling variants, or on the CPU since the port a single variant choosing on the device).
+Greedy tokens of a few prompts are recorded from a checkpoint saved under --checkpoints on
+first use (random preset weights saved as a Hugging Face checkpoint), so that two versions of
+jvt run on the very same weights; --compare names a JSON of an earlier run and adds the ratios
+and a tokens-identical column.
 
 The script touches only what every jvt version since the pure-function model has: Engine,
 Runner.launch / _compile and the scheduler's Sequence/Entry/StepPlan, so the same file measures

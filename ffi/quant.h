@@ -22,7 +22,12 @@ enum class QType : int32_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };
 constexpr int64_t kQBlockValues = 32;
 
 // Bytes of one block of GGML type `qtype`, or 0 when the kernel does not read that type.
-int64_t qblock_bytes(int32_t qtype);
+constexpr int64_t qblock_bytes(int32_t qtype) {
+  return qtype == static_cast<int32_t>(QType::kQ4_0)   ? 18
+         : qtype == static_cast<int32_t>(QType::kQ4_1) ? 20
+         : qtype == static_cast<int32_t>(QType::kQ8_0) ? 34
+                                                        : 0;
+}
 
 // Versions of the kernel this CPU can run, best first ("avx512" needs AVX-512F, AVX2, FMA and
 // F16C, "avx2" the last three; "scalar" runs anywhere).

@@ -114,7 +114,7 @@ void rows_scalar(const QMatmulParams& p, int64_t n0, int64_t n1) {
 
 template <QType Q>
 constexpr int64_t block_bytes() {
-  return Q == QType::kQ4_0 ? 18 : Q == QType::kQ4_1 ? 20 : 34;
+  return qblock_bytes(static_cast<int32_t>(Q));
 }
 
 // The decode loops read the weights once, as one stream, with much arithmetic per byte: one
@@ -598,15 +598,6 @@ ffi::Error qmatmul_cpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
 }
 
 }  // namespace
-
-int64_t qblock_bytes(int32_t qtype) {
-  switch (static_cast<QType>(qtype)) {
-    case QType::kQ4_0: return 18;
-    case QType::kQ4_1: return 20;
-    case QType::kQ8_0: return 34;
-  }
-  return 0;
-}
 
 std::vector<std::string> qmatmul_isas() {
   std::vector<std::string> names;

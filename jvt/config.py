@@ -35,7 +35,7 @@ class EngineConfig:
       need, capped at a quarter of the host's RAM for a host (CPU) store.
     device: "cpu", "cuda" or "cuda:N". dtype: activation/KV dtype (None: the model's).
     weights: how a GGUF model the engine loads keeps its weights: "quantized" (the Q4_0/Q4_1/
-      Q8_0 blocks as stored, multiplied by the CPU kernel jvt_qmatmul: about 2.6x the decode
+      Q8_0 blocks as stored, multiplied by the CPU kernel jvt_qmatmul: about 2.4x the decode
       speed of float32 on SmolLM2), "dense" (dequantized to dtype), or "auto" (the default:
       quantized on the CPU with tensor_parallel=1, dense otherwise). Only for models given by
       name or path; a loaded Model is used as it is.

@@ -152,9 +152,14 @@ class ServingContext:
         that leaves no room at all is left to the engine's own error about the prompt."""
         if max_tokens is None:
             return
-        tok = self.tokenizer
-        n = len(tok.encode(prompt, add_bos=tok.add_bos)) if isinstance(prompt, str) \
-            else len(prompt)
+        if isinstance(prompt, str):
+            # The engine tokenizes a text prompt again; skip it here when the prompt fits
+            # for sure: every token covers at least one UTF-8 byte, besides BOS and a
+            # SentencePiece-style dummy prefix.
+            if len(prompt.encode()) + 2 + max_tokens <= self.max_model_len:
+                return
+            prompt = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos)
+        n = len(prompt)
         room = self.max_model_len - n
         if 0 < room < max_tokens:
             raise APIError(400, f"{name} has {n} tokens and {field}={max_tokens} asks for "
