@@ -156,7 +156,8 @@ inline xla::ffi::Error prepare_attention(
 // Handlers (defined in attention_cpu.cc and cuda/attention_handler.cu). Binding:
 //   Arg q, Arg k, Arg v, Arg seq_start, Arg seq_slot, Arg seq_len, Ret out,
 //   Ret workspace, Attr<int32_t> store_id, Attr<int32_t> layer, Attr<float> scale,
-//   Ctx<DeviceOrdinal> first (on CUDA: Ctx<PlatformStream<cudaStream_t>> before it). The
+//   Ctx<DeviceOrdinal> first (before it, on CUDA: Ctx<PlatformStream<cudaStream_t>>; on the
+//   host: Ctx<ThreadPool>, XLA's intra-op pool). The
 //   workspace (u8) is attention_workspace_bytes on CUDA and 1 byte, unused, on the host: one
 //   call signature for both, so a host store reaching the CUDA handler gets its error, not a
 //   result-count mismatch.

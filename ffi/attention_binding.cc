@@ -5,6 +5,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "attention.h"
+#include "cpu_kernels.h"
 #include "quant.h"
 
 namespace nb = nanobind;
@@ -57,20 +58,21 @@ void bind_attention(nb::module_& m) {
       "FFI handler capsules by platform: {'cpu': {'jvt_attention': capsule, 'jvt_qmatmul': "
       "capsule}, 'CUDA': {'jvt_attention': capsule}} (the CUDA entry only when the module was "
       "built with CUDA).");
-  // jvt_qmatmul's kernel versions (quant_cpu.cc), for tests and benchmarks.
-  m.def("qmatmul_isas", &qmatmul_isas,
-        "Versions of the jvt_qmatmul kernel this CPU can run, best first ('avx512', 'avx2', "
-        "'scalar').");
-  m.def("qmatmul_isa", &qmatmul_isa, "The jvt_qmatmul kernel version in use.");
+  // The host kernels' versions (cpu_kernels.h: jvt_qmatmul and jvt_attention on the CPU), for
+  // tests and benchmarks.
+  m.def("cpu_isas", &cpu_isas,
+        "Versions of the host kernels (jvt_qmatmul, jvt_attention on the CPU) this CPU can run, "
+        "best first ('avx512', 'avx2', 'scalar').");
+  m.def("cpu_isa", &cpu_isa_name, "The host kernel version in use.");
   m.def(
-      "set_qmatmul_isa",
+      "set_cpu_isa",
       [](const std::string& name) {
-        if (!set_qmatmul_isa(name)) {
-          throw nb::value_error(("qmatmul isa " + name + " is not available on this CPU").c_str());
+        if (!set_cpu_isa(name)) {
+          throw nb::value_error(("cpu isa " + name + " is not available on this CPU").c_str());
         }
       },
       nb::arg("name"),
-      "Use kernel version `name` (one of qmatmul_isas()) for every later jvt_qmatmul call.");
+      "Use kernel version `name` (one of cpu_isas()) for every later host kernel call.");
   m.def(
       "attention_store_spec",
       [](int32_t store_id) -> nb::object {

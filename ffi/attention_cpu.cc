@@ -2,13 +2,13 @@
 // computes causal attention over each slot's cached positions (fp32 math, online softmax).
 // It is the reference twin of the CUDA kernels: same params, same safety rules.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
-#include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "attention.h"
+#include "cpu_kernels.h"
 
 namespace ffi = xla::ffi;
 
@@ -134,69 +134,158 @@ void write_kv(const AttnParams& p, const std::vector<Seq>& seqs) {
 constexpr int64_t kRowTile = 16;   // query rows of one sequence that share each K/V block
 constexpr int64_t kKeyBlock = 64;  // keys converted to fp32 at a time
 
-// Per-thread fp32 buffers of one work item.
+#define JVT_INLINE __attribute__((always_inline)) inline
+
+// W-lane fp32 vectors in GCC's vector extensions: the tile kernel below is written once and
+// inlined into one wrapper per kernel version, whose target attribute decides the registers
+// (W = 16: AVX-512; W = 8: AVX2, or pairs of SSE registers in the portable version).
+template <int W>
+struct Lanes {  // (GCC drops vector_size on a dependent typedef used inside its own class)
+  typedef float F __attribute__((vector_size(4 * W)));
+  typedef int32_t I __attribute__((vector_size(4 * W)));
+};
+
+template <int W>
+struct Simd {
+  using F = typename Lanes<W>::F;
+  using I = typename Lanes<W>::I;
+
+  static JVT_INLINE F load(const float* p) {
+    F v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static JVT_INLINE void store(float* p, F v) { std::memcpy(p, &v, sizeof v); }
+  static JVT_INLINE F splat(float x) { return F{} + x; }
+
+  static JVT_INLINE float sum(F v) {
+    if constexpr (W == 16) {
+      return Simd<8>::sum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+    } else {
+      static_assert(W == 8, "8 or 16 lanes");
+      const auto h = __builtin_shufflevector(v, v, 0, 1, 2, 3) +
+                     __builtin_shufflevector(v, v, 4, 5, 6, 7);
+      const auto q = __builtin_shufflevector(h, h, 0, 1) + __builtin_shufflevector(h, h, 2, 3);
+      return q[0] + q[1];
+    }
+  }
+
+  // e^x for x <= 0 (the scores minus their running maximum), to about 2 ulp: x = n ln2 + r
+  // with |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial, 2^n through the exponent bits.
+  // Below -87 (e^x < 2^-125, nothing next to the maximum's e^0 = 1) x is clamped there.
+  static JVT_INLINE F exp(F x) {
+    x = x < -87.0f ? splat(-87.0f) : x;
+    const F magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+    const F n = (x * 1.44269504088896341f + magic) - magic;
+    const F r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    F poly = splat(1.9875691500e-4f);
+    poly = poly * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    const F er = poly * r * r + r + 1.0f;
+    const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+    F scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return er * scale;
+  }
+};
+
+// Per-thread fp32 buffers of one work item (reused by every call on that thread). Rows of Dp
+// floats: head_dim rounded up to the vector width, zero-padded.
 struct Scratch {
-  std::vector<float> q, acc, m, l;  // [rows*group, D] scaled q and sum p*V; [rows*group] max, sum p
-  std::vector<float> kt, v, s;      // [D, kKeyBlock] K transposed; [kKeyBlock, D] V; [kKeyBlock]
+  std::vector<float> q, acc, m, l;  // [nq, Dp] scaled q and sum p*V; [nq] max, sum p
+  std::vector<float> k, v, s;       // [kKeyBlock, Dp] converted K and V rows; [kKeyBlock + W]
+  std::vector<const float*> krow, vrow;  // [kKeyBlock] the block's K and V rows
 };
 
 // Rows [r0, r1) of sequence s (relative to its first row), the q heads of kv head g: online
-// softmax over key blocks; each block is converted once and reused by every row and head.
-// The loops run over contiguous fp32 (keys for scores, head_dim for p*V) so they vectorise.
-template <typename E>
-void attend_tile(const AttnParams& p, const Seq& s, int64_t r0, int64_t r1, int32_t g,
-                 Scratch& w) {
+// softmax over blocks of keys. Each key's score is a dot product over head_dim (vectors of W
+// lanes), its p * V row added into the query's accumulator, so one pass reads each K and V row
+// once per query and needs no transposition. fp32 KV rows are read where the store holds them
+// (when head_dim is a multiple of W); other dtypes are converted once per block.
+template <int W, typename E>
+JVT_INLINE void attend_tile(const AttnParams& p, const Seq& s, int64_t r0, int64_t r1,
+                            int32_t g, Scratch& w) {
+  using V = Simd<W>;
+  using F = typename V::F;
   using T = typename E::T;
-  const int64_t D = p.head_dim, group = p.q_heads / p.kv_heads, nq = (r1 - r0) * group;
+  const int64_t D = p.head_dim, Dp = (D + W - 1) / W * W, group = p.q_heads / p.kv_heads;
+  const int64_t nq = (r1 - r0) * group;
   const int64_t first_pos = s.len - s.rows, last = first_pos + r1 - 1;
-  w.q.resize(nq * D);
-  w.acc.assign(nq * D, 0.0f);
+  constexpr bool kDirect = std::is_same_v<E, F32>;
+  const bool direct = kDirect && D == Dp;
+  w.q.assign(nq * Dp, 0.0f);
+  w.acc.assign(nq * Dp, 0.0f);
   w.m.assign(nq, -INFINITY);
   w.l.assign(nq, 0.0f);
-  w.kt.resize(D * kKeyBlock);
-  w.v.resize(kKeyBlock * D);
-  w.s.resize(kKeyBlock);
+  w.s.resize(kKeyBlock + W);
+  w.krow.resize(kKeyBlock);
+  w.vrow.resize(kKeyBlock);
+  if (!direct) {
+    w.k.assign(kKeyBlock * Dp, 0.0f);  // the padding lanes stay zero
+    w.v.assign(kKeyBlock * Dp, 0.0f);
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const T* qrow = static_cast<const T*>(p.q) + ((s.first_row + r) * p.q_heads + g * group) * D;
-    float* q = &w.q[(r - r0) * group * D];
-    for (int64_t j = 0; j < group * D; ++j) q[j] = E::load(qrow[j]) * p.scale;
+    for (int64_t i = 0; i < group; ++i) {
+      float* q = &w.q[((r - r0) * group + i) * Dp];
+      for (int64_t d = 0; d < D; ++d) q[d] = E::load(qrow[i * D + d]) * p.scale;
+    }
   }
   for (int64_t t0 = 0; t0 <= last; t0 += kKeyBlock) {
     const int64_t nb = std::min(kKeyBlock, last + 1 - t0);
     for (int64_t j = 0; j < nb; ++j) {
       const T* kt = reinterpret_cast<const T*>(kv_address(p, s.slot, t0 + j, 0, g));
       const T* vt = reinterpret_cast<const T*>(kv_address(p, s.slot, t0 + j, 1, g));
-      for (int64_t d = 0; d < D; ++d) {
-        w.kt[d * kKeyBlock + j] = E::load(kt[d]);
-        w.v[j * D + d] = E::load(vt[d]);
+      if (direct) {
+        w.krow[j] = reinterpret_cast<const float*>(kt);
+        w.vrow[j] = reinterpret_cast<const float*>(vt);
+      } else {
+        float* kj = &w.k[j * Dp];
+        float* vj = &w.v[j * Dp];
+        for (int64_t d = 0; d < D; ++d) {
+          kj[d] = E::load(kt[d]);
+          vj[d] = E::load(vt[d]);
+        }
+        w.krow[j] = kj;
+        w.vrow[j] = vj;
       }
     }
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = std::min(nb, first_pos + r + 1 - t0);  // causal: keys <= position
       if (n <= 0) continue;
       for (int64_t i = (r - r0) * group; i < (r - r0 + 1) * group; ++i) {
+        const float* q = &w.q[i * Dp];
         float* sc = w.s.data();
-        std::fill(sc, sc + n, 0.0f);
-        for (int64_t d = 0; d < D; ++d) {
-          const float qd = w.q[i * D + d];
-          const float* kd = &w.kt[d * kKeyBlock];
-          for (int64_t j = 0; j < n; ++j) sc[j] += qd * kd[j];
-        }
-        const float m_new = std::max(w.m[i], *std::max_element(sc, sc + n));
-        float sum = 0.0f;
+        float block_max = -INFINITY;
         for (int64_t j = 0; j < n; ++j) {
-          sc[j] = std::exp(sc[j] - m_new);
-          sum += sc[j];
+          const float* kj = w.krow[j];
+          F a = V::load(q) * V::load(kj);
+          for (int64_t c = W; c < Dp; c += W) a += V::load(q + c) * V::load(kj + c);
+          sc[j] = V::sum(a);
+          block_max = std::max(block_max, sc[j]);
         }
-        const float correction = std::exp(w.m[i] - m_new);
+        const float m_new = std::max(w.m[i], block_max);
+        F psum = {};
+        for (int64_t j = 0; j < n; j += W) {
+          F e = V::exp(V::load(sc + j) - m_new);
+          for (int64_t lane = 0; lane < W; ++lane) {  // lanes past the last key
+            if (j + lane >= n) e[lane] = 0.0f;
+          }
+          V::store(sc + j, e);
+          psum += e;
+        }
+        const float correction = std::exp(w.m[i] - m_new);  // 0 on the first block
         w.m[i] = m_new;
-        w.l[i] = w.l[i] * correction + sum;
-        float* acc = &w.acc[i * D];
-        for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
-        for (int64_t j = 0; j < n; ++j) {
-          const float pj = sc[j];
-          const float* vj = &w.v[j * D];
-          for (int64_t d = 0; d < D; ++d) acc[d] += pj * vj[d];
+        w.l[i] = w.l[i] * correction + V::sum(psum);
+        float* acc = &w.acc[i * Dp];
+        for (int64_t c = 0; c < Dp; c += W) {
+          F a = V::load(acc + c) * correction;
+          for (int64_t j = 0; j < n; ++j) a += sc[j] * V::load(w.vrow[j] + c);
+          V::store(acc + c, a);
         }
       }
     }
@@ -205,46 +294,83 @@ void attend_tile(const AttnParams& p, const Seq& s, int64_t r0, int64_t r1, int3
     T* orow = static_cast<T*>(p.out) + ((s.first_row + r) * p.q_heads + g * group) * D;
     for (int64_t i = 0; i < group; ++i) {
       const int64_t k = (r - r0) * group + i;
-      for (int64_t d = 0; d < D; ++d) orow[i * D + d] = E::store(w.acc[k * D + d] / w.l[k]);
+      for (int64_t d = 0; d < D; ++d) orow[i * D + d] = E::store(w.acc[k * Dp + d] / w.l[k]);
     }
   }
 }
 
-// One work item per (tile of up to kRowTile rows of one sequence, kv head); threads take items
-// from a shared counter. Small steps run on the calling thread (spawning costs ~30 us).
+// One work item: a tile of up to kRowTile rows of one sequence and one kv head.
+struct Tile {
+  int32_t seq;
+  int64_t r0, r1;
+  int32_t g;
+};
+
+using TileFn = void (*)(const AttnParams&, const Seq&, const Tile&);
+
 template <typename E>
-void attend(const AttnParams& p, const std::vector<Seq>& seqs) {
-  struct Tile {
-    int32_t seq;
-    int64_t r0, r1;
-  };
+void tile_portable(const AttnParams& p, const Seq& s, const Tile& t) {
+  thread_local Scratch scratch;
+  attend_tile<8, E>(p, s, t.r0, t.r1, t.g, scratch);
+}
+
+#if defined(__x86_64__)
+template <typename E>
+JVT_AVX2 __attribute__((flatten)) void tile_avx2(const AttnParams& p, const Seq& s,
+                                                 const Tile& t) {
+  thread_local Scratch scratch;
+  attend_tile<8, E>(p, s, t.r0, t.r1, t.g, scratch);
+}
+
+template <typename E>
+JVT_AVX512 __attribute__((flatten)) void tile_avx512(const AttnParams& p, const Seq& s,
+                                                     const Tile& t) {
+  thread_local Scratch scratch;
+  attend_tile<16, E>(p, s, t.r0, t.r1, t.g, scratch);
+}
+#endif
+
+template <typename E>
+TileFn tile_fn(CpuIsa isa) {
+#if defined(__x86_64__)
+  if (isa == CpuIsa::kAvx512) return tile_avx512<E>;
+  if (isa == CpuIsa::kAvx2) return tile_avx2<E>;
+#endif
+  return tile_portable<E>;
+}
+
+HelperPolicy g_helpers;
+
+// Query-key products of a call below which it never asks the pool for helpers (about 50 us
+// of one core's work; waking a pool thread can take as long).
+constexpr int64_t kHelperWork = 1 << 17;
+
+// Items taken from a shared counter by the calling thread and, for large steps, by helpers
+// from XLA's intra-op pool (the policy of cpu_kernels.h decides whether they pay).
+template <typename E>
+void attend(ffi::ThreadPool& pool, const AttnParams& p, const std::vector<Seq>& seqs) {
   std::vector<Tile> tiles;
   int64_t work = 0;  // query-key pairs
   for (size_t i = 0; i < seqs.size(); ++i) {
     for (int64_t r0 = 0; r0 < seqs[i].rows; r0 += kRowTile) {
-      tiles.push_back({static_cast<int32_t>(i), r0, std::min(r0 + kRowTile, seqs[i].rows)});
+      for (int32_t g = 0; g < p.kv_heads; ++g) {
+        tiles.push_back(
+            {static_cast<int32_t>(i), r0, std::min(r0 + kRowTile, seqs[i].rows), g});
+      }
     }
     work += seqs[i].rows * (seqs[i].len - seqs[i].rows) + seqs[i].rows * (seqs[i].rows + 1) / 2;
   }
-  const int64_t items = static_cast<int64_t>(tiles.size()) * p.kv_heads;
-  std::atomic<int64_t> next{0};
-  auto run = [&] {
-    Scratch scratch;
-    for (int64_t w = next++; w < items; w = next++) {
-      const Tile& t = tiles[w / p.kv_heads];
-      attend_tile<E>(p, seqs[t.seq], t.r0, t.r1, static_cast<int32_t>(w % p.kv_heads), scratch);
-    }
-  };
-  const int64_t flops = work * p.q_heads * p.head_dim * 4;
-  const int64_t threads = std::min<int64_t>(
-      {std::max(1u, std::thread::hardware_concurrency()), items, 1 + flops / (4 << 20)});
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(run);
-  run();
-  for (std::thread& t : pool) t.join();
+  work *= p.q_heads;
+  if (tiles.empty()) return;
+  const TileFn fn = tile_fn<E>(cpu_isa());
+  const int64_t items = static_cast<int64_t>(tiles.size());
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t wanted = work >= kHelperWork ? std::min(threads - 1, items - 1) : 0;
+  g_helpers.run(pool, items, wanted, work,
+                [&](int64_t i) { fn(p, seqs[tiles[i].seq], tiles[i]); });
 }
 
-ffi::Error attention_cpu(int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error attention_cpu(ffi::ThreadPool pool, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                          ffi::AnyBuffer seq_start, ffi::AnyBuffer seq_slot,
                          ffi::AnyBuffer seq_len, ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::AnyBuffer> /*workspace*/, int32_t store_id,
@@ -266,9 +392,9 @@ ffi::Error attention_cpu(int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
   const std::vector<Seq> seqs = valid_sequences(p);
   write_kv(p, seqs);
   switch (p.dtype) {
-    case DType::kF32: attend<F32>(p, seqs); break;
-    case DType::kF16: attend<F16>(p, seqs); break;
-    case DType::kBF16: attend<BF16>(p, seqs); break;
+    case DType::kF32: attend<F32>(pool, p, seqs); break;
+    case DType::kF16: attend<F16>(pool, p, seqs); break;
+    case DType::kBF16: attend<BF16>(pool, p, seqs); break;
   }
   return ffi::Error::Success();
 }
@@ -277,6 +403,7 @@ ffi::Error attention_cpu(int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
 
 XLA_FFI_DEFINE_HANDLER(kAttentionCpuHandler, attention_cpu,
                        ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()         // XLA's intra-op pool (tiles)
                            .Ctx<ffi::DeviceOrdinal>()      // which member of a store group
                            .Arg<ffi::AnyBuffer>()          // q [T, Hq, D]
                            .Arg<ffi::AnyBuffer>()          // k [T, Hkv, D]

@@ -10,8 +10,6 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -29,14 +27,7 @@ constexpr int64_t qblock_bytes(int32_t qtype) {
                                                         : 0;
 }
 
-// Versions of the kernel this CPU can run, best first ("avx512" needs AVX-512F, AVX2, FMA and
-// F16C, "avx2" the last three; "scalar" runs anywhere).
-std::vector<std::string> qmatmul_isas();
-// The version in use: the best one unless set_qmatmul_isa chose another.
-std::string qmatmul_isa();
-// Selects a version for every later call (tests and benchmarks); false, changing nothing,
-// when `name` is not one of qmatmul_isas().
-bool set_qmatmul_isa(const std::string& name);
+// Kernel versions: cpu_kernels.h (cpu_isa()).
 
 // Binding: Ctx<ThreadPool>, Arg x f32 [T, K], Arg w u8 [N, K / 32 * block bytes],
 // Ret y f32 [T, N], Attr<int32_t> qtype (a GGML type id above).

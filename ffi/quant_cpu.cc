@@ -12,13 +12,10 @@
 #include "quant.h"
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstring>
-#include <memory>
-#include <mutex>
+
+#include "cpu_kernels.h"
 
 #if defined(__x86_64__)
 // GCC 12's AVX-512 intrinsics trip -Wmaybe-uninitialized on their own _mm512_undefined_*
@@ -109,9 +106,6 @@ void rows_scalar(const QMatmulParams& p, int64_t n0, int64_t n1) {
 // ---- SIMD versions ---------------------------------------------------------------------
 
 #if defined(__x86_64__)
-#define JVT_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define JVT_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
-
 template <QType Q>
 constexpr int64_t block_bytes() {
   return qblock_bytes(static_cast<int32_t>(Q));
@@ -400,130 +394,17 @@ void rows_avx512_any(const QMatmulParams& p, int64_t n0, int64_t n1) {
   }
 }
 
-bool cpu_has(bool avx512) {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c") && (!avx512 || __builtin_cpu_supports("avx512f"));
-}
 #endif  // __x86_64__
-
-// ---- version selection -----------------------------------------------------------------
 
 using RowsFn = void (*)(const QMatmulParams&, int64_t, int64_t);
 
-struct Isa {
-  const char* name;
-  RowsFn rows;
-};
-
-const std::vector<Isa>& available_isas() {
-  static const std::vector<Isa> isas = [] {
-    std::vector<Isa> v;
+RowsFn rows_fn(CpuIsa isa) {
 #if defined(__x86_64__)
-    if (cpu_has(/*avx512=*/true)) v.push_back({"avx512", rows_avx512_any});
-    if (cpu_has(/*avx512=*/false)) v.push_back({"avx2", rows_avx2_any});
+  if (isa == CpuIsa::kAvx512) return rows_avx512_any;
+  if (isa == CpuIsa::kAvx2) return rows_avx2_any;
 #endif
-    v.push_back({"scalar", rows_scalar});
-    return v;
-  }();
-  return isas;
+  return rows_scalar;
 }
-
-std::atomic<int> g_isa{0};  // index into available_isas()
-
-// ---- threading -------------------------------------------------------------------------
-
-inline void cpu_relax() {
-#if defined(__x86_64__)
-  _mm_pause();
-#endif
-}
-
-int64_t wall_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-// Runs body(i) for every i in [0, items) on the calling thread and on up to `helpers` tasks
-// of XLA's intra-op pool, each item claimed by one thread through an atomic counter. The call
-// returns once every item is done. It never waits for a task the pool has not started (the
-// pool may be busy with other thunks, or this call may run on one of its threads): the caller
-// claims whatever is left itself, and a task that starts late finds nothing to claim and
-// touches only the shared state, which it keeps alive.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t items, int64_t helpers, const F& body) {
-  if (helpers == 0) {
-    for (int64_t i = 0; i < items; ++i) body(i);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable all_done;
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, items, &body] {
-    int64_t n = 0;
-    for (int64_t i = state->next++; i < items; i = state->next++) {
-      body(i);
-      ++n;
-    }
-    if (n && state->done.fetch_add(n, std::memory_order_acq_rel) + n == items) {
-      std::lock_guard<std::mutex> lock(state->mu);  // no lost wake-up: the waiter holds mu
-      state->all_done.notify_one();                 // between its check and its wait
-    }
-  };
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
-  work();
-  auto finished = [&] { return state->done.load(std::memory_order_acquire) >= items; };
-  // Only items that helpers are running remain. Spin a few microseconds (about one item), then
-  // sleep: on a busy machine the helper may share this core, and spinning would starve it.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
-  while (!finished() && std::chrono::steady_clock::now() < deadline) cpu_relax();
-  if (!finished()) {
-    std::unique_lock<std::mutex> lock(state->mu);
-    state->all_done.wait(lock, finished);
-  }
-}
-
-// Whether a call asks the pool for helpers. They pay only where another core is free. On the
-// 2-core build machine with nothing else running, a helper starts within 1-3 us and halves
-// the LM head (2.2 -> 1.2 ms) and the MLP matmuls (65 -> 40 us); under a load of 3 the woken
-// pool thread shares the caller's core, and helpers on every call made decode 15-20% slower.
-// In the engine, between the matmuls of a decode step, the idle pool thread also falls asleep:
-// waking it there made the attention and MLP matmuls 2-4.6x slower with a helper, while the LM
-// head still gained. So each size class of call (log2 of weight bytes times x rows) keeps a
-// smoothed wall time per unit of work for both ways, runs the faster one, and every
-// kExplore-th call the other, so that both follow the machine's load (exploring costs about
-// 1.5% of a SmolLM2 decode step where helpers lose 2-4x; every 8th call cost 12%).
-class HelperPolicy {
- public:
-  bool use(int64_t work) {
-    Class& c = classes_[size_class(work)];
-    std::lock_guard<std::mutex> lock(mu_);
-    const bool faster = c.ns_per_unit[1] < c.ns_per_unit[0];
-    return ++c.calls % kExplore == 0 ? !faster : faster;
-  }
-
-  void record(int64_t work, bool helped, int64_t wall) {
-    Class& c = classes_[size_class(work)];
-    const double t = static_cast<double>(wall) / work;
-    std::lock_guard<std::mutex> lock(mu_);
-    double& mean = c.ns_per_unit[helped];
-    mean = mean == 0 ? t : mean + (t - mean) / 8;
-  }
-
- private:
-  static constexpr int kExplore = 64;
-  static int size_class(int64_t work) { return 63 - __builtin_clzll(work); }
-  struct Class {
-    uint64_t calls = 0;
-    double ns_per_unit[2] = {0, 0};  // alone, with helpers (0: not measured yet)
-  };
-  std::mutex mu_;
-  Class classes_[64];
-};
 
 HelperPolicy g_helpers;
 
@@ -579,7 +460,7 @@ ffi::Error qmatmul_cpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   }
   const QMatmulParams p{xp, xsum.data(), static_cast<const uint8_t*>(w.untyped_data()), out,
                         T, N, K, wd[1], static_cast<QType>(qtype)};
-  const RowsFn rows = available_isas()[g_isa.load(std::memory_order_relaxed)].rows;
+  const RowsFn rows = rows_fn(cpu_isa());
   // About 8 items per thread so that a late or slow thread delays the call little.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t groups = (N + kRowGroup - 1) / kRowGroup;
@@ -587,36 +468,14 @@ ffi::Error qmatmul_cpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   const int64_t items = (groups + item_groups - 1) / item_groups;
   const int64_t work = N * p.row_bytes * T;
   const int64_t wanted = work >= kHelperWork ? std::min(threads - 1, items - 1) : 0;
-  const int64_t helpers = wanted > 0 && g_helpers.use(work) ? wanted : 0;
-  const int64_t start = wanted > 0 ? wall_ns() : 0;
-  parallel_for(pool, items, helpers, [&](int64_t i) {
+  g_helpers.run(pool, items, wanted, work, [&](int64_t i) {
     const int64_t n0 = i * item_groups * kRowGroup;
     rows(p, n0, std::min(N, n0 + item_groups * kRowGroup));
   });
-  if (wanted > 0) g_helpers.record(work, helpers > 0, wall_ns() - start);
   return ffi::Error::Success();
 }
 
 }  // namespace
-
-std::vector<std::string> qmatmul_isas() {
-  std::vector<std::string> names;
-  for (const Isa& isa : available_isas()) names.emplace_back(isa.name);
-  return names;
-}
-
-std::string qmatmul_isa() { return available_isas()[g_isa.load()].name; }
-
-bool set_qmatmul_isa(const std::string& name) {
-  const std::vector<Isa>& isas = available_isas();
-  for (size_t i = 0; i < isas.size(); ++i) {
-    if (name == isas[i].name) {
-      g_isa.store(static_cast<int>(i));
-      return true;
-    }
-  }
-  return false;
-}
 
 XLA_FFI_DEFINE_HANDLER(kQMatmulCpuHandler, qmatmul_cpu,
                        ffi::Ffi::Bind()

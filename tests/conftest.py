@@ -25,3 +25,18 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
+def isa(request):
+    """Each version of the host kernels (jvt_qmatmul, jvt_attention on the CPU), selected for
+    the test: AVX-512 and AVX2 where this CPU has them (skipped elsewhere), the portable one
+    always."""
+    from jvt import _native
+
+    if request.param not in _native.cpu_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    before = _native.cpu_isa()
+    _native.set_cpu_isa(request.param)
+    yield request.param
+    _native.set_cpu_isa(before)

@@ -132,8 +132,9 @@ def assert_close(out, ref, layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mixed_batches_against_reference(dtype):
-    """Prefill chunks, decode tokens and a continued cached prefix in one step, over 3 steps."""
+def test_mixed_batches_against_reference(isa, dtype):
+    """Prefill chunks, decode tokens and a continued cached prefix in one step, over 3 steps
+    (each kernel version)."""
     with make_store(dtype) as store:
         tpc = store.tokens_per_chunk
         assert tpc in (16, 32)
@@ -158,8 +159,9 @@ def test_mixed_batches_against_reference(dtype):
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_batches_gqa_mqa(seed):
-    """Random specs (GQA, MQA, odd head_dim), random steps; op vs reference each step."""
+def test_random_batches_gqa_mqa(isa, seed):
+    """Random specs (GQA, MQA, odd head_dim), random steps; op vs reference each step (each
+    kernel version)."""
     rng = np.random.default_rng(seed)
     dtype = DTYPES[seed % 3]
     kv_heads = int(rng.choice([1, 2, 3]))
@@ -178,6 +180,31 @@ def test_random_batches_gqa_mqa(seed):
             layer = int(rng.integers(0, 3))
             outs, refs, layout, _ = mirror.step(seqs, [layer], dtype, rows=rows,
                                                 entries=len(seqs) + 1)
+            assert_close(outs[0], refs[0], layout, dtype)
+        store.check()
+
+
+class SharpMirror(Mirror):
+    """Queries 40x larger: scores spread over hundreds, so most keys' e^(s - max) fall far
+    below float32's smallest normal number and the softmax is nearly one-hot."""
+
+    def inputs(self, rows: int, dtype):
+        q, k, v = super().inputs(rows, dtype)
+        return [(q.astype(jnp.float32) * 40).astype(dtype), k, v]
+
+
+@pytest.mark.parametrize("head_dim", [64, 40, 8])
+@pytest.mark.parametrize("sharp", [False, True])
+def test_long_prefill_then_decode(isa, head_dim, sharp):
+    """A 700-token prefill (44 row tiles, 11 key blocks) then decode steps, float32 KV read
+    in place (head_dim 64) or through the padded copy (40, 8), ordinary and extreme scores:
+    op vs reference each step (each kernel version)."""
+    dtype = jnp.float32
+    with make_store(dtype, slots=2, max_tokens=800, layers=2, kv_heads=2, head_dim=head_dim,
+                    budget_bytes=1 << 32) as store:
+        mirror = (SharpMirror if sharp else Mirror)(store, q_heads=6, seed=head_dim)
+        for seqs, rows in (([(0, 700)], 704), ([(0, 1), (1, 3)], 4), ([(0, 1)], 1)):
+            outs, refs, layout, _ = mirror.step(seqs, [1], dtype, rows=rows, entries=2)
             assert_close(outs[0], refs[0], layout, dtype)
         store.check()
 

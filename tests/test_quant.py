@@ -27,15 +27,6 @@ TYPES = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0}
 rng = np.random.default_rng(0)
 
 
-@pytest.fixture(params=_native.qmatmul_isas())
-def isa(request):
-    """Every kernel version this CPU runs (AVX2 where present, and always the scalar one)."""
-    before = _native.qmatmul_isa()
-    _native.set_qmatmul_isa(request.param)
-    yield request.param
-    _native.set_qmatmul_isa(before)
-
-
 def blocks_of(n: int, k: int, fmt: str) -> tuple[np.ndarray, np.ndarray]:
     """(gguf-py's blocks [n, k/32*B] of random weights, their float32 dequantization [n, k])."""
     w = rng.standard_normal((n, k)).astype(np.float32)
@@ -160,11 +151,12 @@ def test_handler_rejects_bad_operands():
 
 
 def test_kernel_versions():
-    isas = _native.qmatmul_isas()
-    assert isas[-1] == "scalar" and _native.qmatmul_isa() == isas[0]
+    isas = _native.cpu_isas()
+    assert isas[-1] == "scalar" and _native.cpu_isa() == isas[0]
     assert set(isas) <= {"avx512", "avx2", "scalar"}
     with pytest.raises(ValueError, match="not available"):
-        _native.set_qmatmul_isa("avx9000")
+        _native.set_cpu_isa("avx9000")
+    assert _native.cpu_isa() == isas[0]
 
 
 # ---- the module ------------------------------------------------------------------------------
