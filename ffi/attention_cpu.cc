@@ -343,7 +343,7 @@ HelperPolicy g_helpers;
 
 // Query-key products of a call below which it never asks the pool for helpers (about 50 us
 // of one core's work; waking a pool thread can take as long).
-constexpr int64_t kHelperWork = 1 << 17;
+constexpr int64_t kHelperWork = 1 << 12;
 
 // Items taken from a shared counter by the calling thread and, for large steps, by helpers
 // from XLA's intra-op pool (the policy of cpu_kernels.h decides whether they pay).
