@@ -35,12 +35,14 @@ def _param(value: jax.Array, axes: Axes) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-def random_blocks(rngs: nnx.Rngs, rows: int, k: int, fmt: str) -> jax.Array:
+def random_blocks(rngs: nnx.Rngs | None, rows: int, k: int, fmt: str) -> jax.Array:
     """Valid blocks [rows, k/32*B] of weights with standard deviation about 1/sqrt(k)
     (Linear's N(0, 1/in) init): uniform random codes, one fixed float16 scale d, and for
     Q4_1 the minimum m = -8d, so that every format centres its codes on zero."""
     n_blocks = k // qmatmul.BLOCK
     code_bytes = qmatmul.FORMATS[fmt][1] - (4 if fmt == "q4_1" else 2)
+    if rngs is None:  # abstract_module: shapes only
+        return jnp.zeros((rows, n_blocks * qmatmul.FORMATS[fmt][1]), jnp.uint8)
     codes = jax.random.bits(rngs.params(), (rows, n_blocks, code_bytes), jnp.uint8)
     levels_std = 73.9 if fmt == "q8_0" else 4.61  # std of uniform int8, of uniform 0..15
     d = jnp.float16(1.0 / (levels_std * math.sqrt(k)))
@@ -57,11 +59,14 @@ class QuantLinear(nnx.Module):
     `axes` are Linear's (in, out) logical axes; blocks carry them as (out, in)."""
 
     def __init__(self, din: int, dout: int, axes: Axes, *, fmt: str, use_bias: bool,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs | None):
         self.fmt = fmt
         self.blocks = _param(random_blocks(rngs, dout, din, fmt), (axes[1], axes[0]))
-        self.bias = (_param(jax.random.normal(rngs.params(), (dout,)) * 0.02, axes[1:])
-                     if use_bias else None)
+        bias = None  # assigned once: NNX takes an attribute first set to None as static
+        if use_bias:
+            bias = _param(jnp.zeros((dout,)) if rngs is None
+                          else jax.random.normal(rngs.params(), (dout,)) * 0.02, axes[1:])
+        self.bias = bias
 
     def __call__(self, x: jax.Array) -> jax.Array:
         blocks = self.blocks[...]
@@ -76,7 +81,7 @@ class QuantEmbed(nnx.Module):
     them (gguf-py's arithmetic, so it equals the dense embedding of the same file); `attend`
     multiplies by the whole table with the kernel (one read of V*H*B/32 bytes per step)."""
 
-    def __init__(self, vocab: int, hidden: int, *, fmt: str, rngs: nnx.Rngs):
+    def __init__(self, vocab: int, hidden: int, *, fmt: str, rngs: nnx.Rngs | None):
         self.fmt = fmt
         self.embedding = _param(random_blocks(rngs, vocab, hidden, fmt), ("vocab", "embed"))
 
