@@ -225,8 +225,8 @@ JVT_INLINE void attend_tile(const AttnParams& p, const Seq& s, int64_t r0, int64
   w.krow.resize(kKeyBlock);
   w.vrow.resize(kKeyBlock);
   if (!direct) {
-    w.k.assign(kKeyBlock * Dp, 0.0f);  // the padding lanes stay zero
-    w.v.assign(kKeyBlock * Dp, 0.0f);
+    w.k.resize(kKeyBlock * Dp);
+    w.v.resize(kKeyBlock * Dp);
   }
   for (int64_t r = r0; r < r1; ++r) {
     const T* qrow = static_cast<const T*>(p.q) + ((s.first_row + r) * p.q_heads + g * group) * D;
@@ -250,6 +250,8 @@ JVT_INLINE void attend_tile(const AttnParams& p, const Seq& s, int64_t r0, int64
           kj[d] = E::load(kt[d]);
           vj[d] = E::load(vt[d]);
         }
+        std::fill(kj + D, kj + Dp, 0.0f);  // padding lanes
+        std::fill(vj + D, vj + Dp, 0.0f);
         w.krow[j] = kj;
         w.vrow[j] = vj;
       }
@@ -272,9 +274,7 @@ JVT_INLINE void attend_tile(const AttnParams& p, const Seq& s, int64_t r0, int64
         F psum = {};
         for (int64_t j = 0; j < n; j += W) {
           F e = V::exp(V::load(sc + j) - m_new);
-          for (int64_t lane = 0; lane < W; ++lane) {  // lanes past the last key
-            if (j + lane >= n) e[lane] = 0.0f;
-          }
+          for (int64_t lane = n - j; lane < W; ++lane) e[lane] = 0.0f;  // past the last key
           V::store(sc + j, e);
           psum += e;
         }
@@ -349,7 +349,11 @@ constexpr int64_t kHelperWork = 1 << 12;
 // from XLA's intra-op pool (the policy of cpu_kernels.h decides whether they pay).
 template <typename E>
 void attend(ffi::ThreadPool& pool, const AttnParams& p, const std::vector<Seq>& seqs) {
-  std::vector<Tile> tiles;
+  // Reused: this runs once per layer of every step. Helpers see it through the reference (a
+  // thread_local named in their lambda would be their own, empty one).
+  thread_local std::vector<Tile> buffer;
+  std::vector<Tile>& tiles = buffer;
+  tiles.clear();
   int64_t work = 0;  // query-key pairs
   for (size_t i = 0; i < seqs.size(); ++i) {
     for (int64_t r0 = 0; r0 < seqs[i].rows; r0 += kRowTile) {
@@ -370,9 +374,10 @@ void attend(ffi::ThreadPool& pool, const AttnParams& p, const std::vector<Seq>& 
                 [&](int64_t i) { fn(p, seqs[tiles[i].seq], tiles[i]); });
 }
 
-ffi::Error attention_cpu(ffi::ThreadPool pool, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                         ffi::AnyBuffer seq_start, ffi::AnyBuffer seq_slot,
-                         ffi::AnyBuffer seq_len, ffi::Result<ffi::AnyBuffer> out,
+ffi::Error attention_cpu(ffi::ThreadPool pool, int32_t ordinal, ffi::AnyBuffer q,
+                         ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer seq_start,
+                         ffi::AnyBuffer seq_slot, ffi::AnyBuffer seq_len,
+                         ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::AnyBuffer> /*workspace*/, int32_t store_id,
                          int32_t layer, float scale) {
   std::string why;

@@ -41,16 +41,9 @@ from flax import nnx
 
 from jvt import ops
 from jvt.models.config import ModelConfig
+from jvt.models.params import Axes, normal, param
 from jvt.models.quant import QuantEmbed, QuantLinear
 from jvt.types import AttnMeta
-
-Axes = tuple[str | None, ...]
-
-
-def _param(value: jax.Array, axes: Axes) -> nnx.Param:
-    # eager_sharding=False: the axes are metadata for tensor parallelism, never applied at
-    # creation (flax >= 0.12 would otherwise require a mesh in context).
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def logical_axes(variable: nnx.Variable) -> Axes:
@@ -62,21 +55,14 @@ def logical_axes(variable: nnx.Variable) -> Axes:
     return tuple(axes)
 
 
-def _normal(rngs: nnx.Rngs | None, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
-    """N(0, std^2) weights, or zeros when rngs is None (abstract_module: shapes only)."""
-    if rngs is None:
-        return jnp.zeros(shape, dtype)
-    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
-
-
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel [in, out] N(0, 1/in) at random init, bias N(0, 0.02^2)."""
 
     def __init__(self, din: int, dout: int, axes: Axes, *, use_bias: bool, dtype,
                  rngs: nnx.Rngs | None):
         self.dtype = dtype
-        self.kernel = _param(_normal(rngs, (din, dout), 1.0 / math.sqrt(din), dtype), axes)
-        self.bias = _param(_normal(rngs, (dout,), 0.02, dtype), axes[1:]) if use_bias else None
+        self.kernel = param(normal(rngs, (din, dout), 1.0 / math.sqrt(din), dtype), axes)
+        self.bias = param(normal(rngs, (dout,), 0.02, dtype), axes[1:]) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.dot(x.astype(self.dtype), self.kernel[...])
@@ -97,7 +83,7 @@ class Embed(nnx.Module):
     """Token embedding [V, H], N(0, 1/H) at random init so that tied logits have unit scale."""
 
     def __init__(self, vocab: int, hidden: int, *, dtype, rngs: nnx.Rngs | None):
-        self.embedding = _param(_normal(rngs, (vocab, hidden), 1.0 / math.sqrt(hidden), dtype),
+        self.embedding = param(normal(rngs, (vocab, hidden), 1.0 / math.sqrt(hidden), dtype),
                                 ("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -114,7 +100,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, hidden: int, eps: float, *, dtype):
         self.eps = eps
-        self.weight = _param(jnp.ones((hidden,), dtype), ("embed",))
+        self.weight = param(jnp.ones((hidden,), dtype), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

@@ -26,13 +26,7 @@ from flax import nnx
 
 from jvt import qmatmul
 from jvt.models.config import ModelConfig
-
-Axes = tuple[str | None, ...]
-
-
-def _param(value: jax.Array, axes: Axes) -> nnx.Param:
-    # As models.llama._param: the axes are tensor-parallel metadata, never applied here.
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+from jvt.models.params import Axes, normal, param
 
 
 def random_blocks(rngs: nnx.Rngs | None, rows: int, k: int, fmt: str) -> jax.Array:
@@ -61,12 +55,9 @@ class QuantLinear(nnx.Module):
     def __init__(self, din: int, dout: int, axes: Axes, *, fmt: str, use_bias: bool,
                  rngs: nnx.Rngs | None):
         self.fmt = fmt
-        self.blocks = _param(random_blocks(rngs, dout, din, fmt), (axes[1], axes[0]))
-        bias = None  # assigned once: NNX takes an attribute first set to None as static
-        if use_bias:
-            bias = _param(jnp.zeros((dout,)) if rngs is None
-                          else jax.random.normal(rngs.params(), (dout,)) * 0.02, axes[1:])
-        self.bias = bias
+        self.blocks = param(random_blocks(rngs, dout, din, fmt), (axes[1], axes[0]))
+        self.bias = (param(normal(rngs, (dout,), 0.02, jnp.float32), axes[1:])
+                     if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         blocks = self.blocks[...]
@@ -83,7 +74,7 @@ class QuantEmbed(nnx.Module):
 
     def __init__(self, vocab: int, hidden: int, *, fmt: str, rngs: nnx.Rngs | None):
         self.fmt = fmt
-        self.embedding = _param(random_blocks(rngs, vocab, hidden, fmt), ("vocab", "embed"))
+        self.embedding = param(random_blocks(rngs, vocab, hidden, fmt), ("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return qmatmul.dequantize(self.embedding[...][tokens], self.fmt)
