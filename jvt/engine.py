@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -20,12 +21,20 @@ from jvt.config import make_config
 from jvt.detokenize import IncrementalDetokenizer
 from jvt.models.loader import quantizable
 from jvt.platform import enable_compilation_cache, jax_devices
-from jvt.runner import Runner
-from jvt.scheduler import Scheduler, Sequence, Status
+from jvt.runner import EntryError, Runner
+from jvt.scheduler import Scheduler, Sequence, Status, StepPlan
 from jvt.session import Session
-from jvt.types import Logprob, RequestMetrics, RequestOutput, SamplingParams, StreamDelta
+from jvt.types import (
+    Logprob,
+    RequestError,
+    RequestMetrics,
+    RequestOutput,
+    SamplingParams,
+    StreamDelta,
+)
 
 Prompt = str | list[int]
+log = logging.getLogger("jvt.engine")
 
 
 class Request:
@@ -44,6 +53,7 @@ class Request:
         self.streamed_text = 0  # characters of text already given to a stream
         self.streamed_tokens = 0
         self.stream_done = False  # the final delta was given
+        self.error: str | None = None  # why the engine failed this request (finish "error")
 
     @property
     def request_id(self) -> str:
@@ -59,7 +69,7 @@ class Request:
         self.metrics.num_preemptions = seq.num_preemptions
         return RequestOutput(seq.request_id, self.prompt, seq.tokens[:seq.num_prompt], self.text,
                              seq.tokens[seq.num_prompt:], seq.finish_reason, self.metrics,
-                             self.logprobs)
+                             self.logprobs, self.error)
 
 
 class Engine:
@@ -143,6 +153,7 @@ class Engine:
 
         sampling_params: one for all prompts, one per prompt, or None (SamplingParams()).
         Every prompt is validated before any is queued (ValueError naming the problem).
+        RequestError, once every request has ended, if the engine failed on one of them.
         """
         if isinstance(prompts, str) or _is_token_list(prompts):
             prompts = [prompts]
@@ -157,7 +168,11 @@ class Engine:
         checked = [self._check(p, sp, f"prompts[{i}]")
                    for i, (p, sp) in enumerate(zip(prompts, sampling_params))]
         reqs = [self._add(ids, text, sp) for ids, text, sp in checked]
-        return [r.output() for r in self._run(reqs, use_tqdm)]
+        self._run(reqs, use_tqdm)
+        for i, r in enumerate(reqs):
+            if r.error is not None:
+                raise RequestError(r.request_id, f"prompts[{i}]: {r.error}")
+        return [r.output() for r in reqs]
 
     def _run(self, reqs: list[Request], use_tqdm: bool = False) -> list[Request]:
         """Step until every request in ``reqs`` is finished, then forget them."""
@@ -190,7 +205,7 @@ class Engine:
         """Generate for one prompt, yielding text and token deltas as they are read back.
 
         The prompt is validated now (ValueError); the request is queued when iteration starts.
-        Closing the iterator early aborts the request.
+        Closing the iterator early aborts the request. RequestError if the engine fails on it.
         """
         checked = self._check(prompt, sampling_params or SamplingParams(), "prompt")
         return self._stream(checked, _owner)
@@ -200,6 +215,8 @@ class Engine:
         try:
             while True:
                 delta = self.take_delta(req)
+                if req.error is not None:
+                    raise RequestError(req.request_id, req.error)
                 if delta is not None:
                     yield delta
                 if req.stream_done:
@@ -304,7 +321,8 @@ class Engine:
                 req = self._requests.get(entry.seq.request_id)
                 if req is not None and req.metrics.scheduled_time is None:
                     req.metrics.scheduled_time = now
-            result = self.runner.launch(plan)
+            plan, result = self._launch(plan)
+        if plan is not None:  # None too when every entry of the plan failed
             self._step_id += 1
             self.scheduler.fence(self._step_id)
             launched = (self._step_id, plan, result)
@@ -314,14 +332,37 @@ class Engine:
             self.store.check()
             self.scheduler.retire(step)
             self._postprocess(prev_plan, host)
-        elif plan is None and self.scheduler.has_work():
+        elif launched is None and self.scheduler.has_work():
             # A step may only preempt; one that stays idle with nothing in flight is stuck.
             self._stalled += 1
             if self._stalled > 2:
                 raise RuntimeError(f"the scheduler cannot place any request: {self.stats()}")
-        if plan is not None:
+        if launched is not None:
             self._stalled = 0
         self._inflight = launched
+
+    def _launch(self, plan: StepPlan) -> tuple[StepPlan | None, object]:
+        """Enqueue ``plan``; an entry that cannot be packed fails its request alone and the
+        step runs without it. (the plan launched or None, its device results)."""
+        while True:
+            try:
+                return plan, self.runner.launch(plan)
+            except EntryError as e:
+                self._fail(plan.entries[e.index].seq, e.cause)
+                rest = [x for i, x in enumerate(plan.entries) if i != e.index]
+                if not rest:
+                    return None, None
+                plan = StepPlan(rest)
+
+    def _fail(self, seq: Sequence, cause: Exception) -> None:
+        """End ``seq``'s request with finish_reason "error" (its KV is dropped); the engine
+        and every other request go on."""
+        log.error("request %s failed", seq.request_id, exc_info=cause)
+        self.scheduler.finish(seq, "error")
+        req = self._requests.pop(seq.request_id, None)
+        if req is not None:
+            req.error = f"{type(cause).__name__}: {cause}"
+            req.metrics.finished_time = time.perf_counter()
 
     def _wait_device(self) -> None:
         """Block until the step in flight has finished on the device, so its KV writes have
@@ -340,19 +381,27 @@ class Engine:
             req = self._requests.get(seq.request_id)
             if req is None or seq.status is Status.FINISHED:
                 continue
-            token = int(host.tokens[i])
-            seq.tokens.append(token)
-            req.metrics.token_times.append(now)
-            if req.logprobs is not None:
-                k = seq.params.logprobs
-                top = {int(t): float(lp) for t, lp in zip(host.top_ids[i][:k],
-                                                          host.top_logprobs[i][:k])}
-                req.logprobs.append(Logprob(token, float(host.logprob[i]), top))
-            reason = self._finish_reason(req, token)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                req.metrics.finished_time = now
-                del self._requests[seq.request_id]  # the caller holds the Request
+            try:
+                self._take_token(req, host, i, now)
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                self._fail(seq, e)
+
+    def _take_token(self, req: Request, host, i: int, now: float) -> None:
+        """Append row ``i``'s sampled token to ``req`` and finish it if it stops there."""
+        seq = req.seq
+        token = int(host.tokens[i])
+        seq.tokens.append(token)
+        req.metrics.token_times.append(now)
+        if req.logprobs is not None:
+            k = seq.params.logprobs
+            top = {int(t): float(lp) for t, lp in zip(host.top_ids[i][:k],
+                                                      host.top_logprobs[i][:k])}
+            req.logprobs.append(Logprob(token, float(host.logprob[i]), top))
+        reason = self._finish_reason(req, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            req.metrics.finished_time = now
+            del self._requests[seq.request_id]  # the caller holds the Request
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
         seq, params = req.seq, req.seq.params

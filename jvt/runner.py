@@ -156,7 +156,9 @@ class Runner:
         return self.compiled[key]
 
     def launch(self, plan: StepPlan) -> jax.Array:
-        """Enqueue the step of ``plan``; returns its device results without waiting."""
+        """Enqueue the step of ``plan``; returns its device results without waiting.
+
+        EntryError (nothing enqueued) when one entry cannot be packed."""
         t, s = bucket(self.shapes, plan.num_tokens, len(plan.entries))
         greedy_only = None if self.variants == (None,) else \
             all(e.seq.params.temperature == 0 for e in plan.entries)
@@ -178,8 +180,18 @@ class Runner:
                             top_ids=host[:, 2:2 + k].view(np.int32), top_logprobs=host[:, 2 + k:])
 
 
+class EntryError(Exception):
+    """Packing entry ``index`` of a plan failed with ``cause`` (the other entries are fine)."""
+
+    def __init__(self, index: int, cause: Exception):
+        super().__init__(f"entry {index}: {cause!r}")
+        self.index = index
+        self.cause = cause
+
+
 def _pack(plan: StepPlan | None, t: int, s: int) -> StepInputs:
-    """numpy StepInputs of ``plan`` padded to (t, s); plan None gives an all-padding step."""
+    """numpy StepInputs of ``plan`` padded to (t, s); plan None gives an all-padding step.
+    EntryError names the first entry that cannot be packed."""
     tokens = np.zeros(t, np.int32)
     prev_slot = np.full(t, -1, np.int32)
     positions = np.zeros(t, np.int32)
@@ -187,19 +199,22 @@ def _pack(plan: StepPlan | None, t: int, s: int) -> StepInputs:
     seq_slot = np.full(s, -1, np.int32)
     seq_len = np.zeros(s, np.int32)
     keep = np.zeros(s, bool)
-    rows = []
+    sampling = SamplingArrays.empty(s)
     entries = plan.entries if plan is not None else []
     row = 0
     for i, e in enumerate(entries):
-        if e.from_device:
-            prev_slot[row] = e.seq.slot
-        else:
-            tokens[row:row + e.n] = e.tokens
-        positions[row:row + e.n] = np.arange(e.start, e.start + e.n)
+        try:
+            if e.from_device:
+                prev_slot[row] = e.seq.slot
+            else:
+                tokens[row:row + e.n] = e.tokens
+            positions[row:row + e.n] = np.arange(e.start, e.start + e.n)
+            seq_slot[i], seq_len[i], keep[i] = e.seq.slot, e.start + e.n, e.samples
+            sampling.set_row(i, e.seq.params, e.seq.seed, e.counter)
+        except Exception as err:
+            raise EntryError(i, err) from err
         row += e.n
         seq_start[i + 1] = row
-        seq_slot[i], seq_len[i], keep[i] = e.seq.slot, e.start + e.n, e.samples
-        rows.append((e.seq.params, e.seq.seed, e.counter))
     seq_start[len(entries) + 1:] = row
     meta = AttnMeta(positions, seq_start, seq_slot, seq_len)
-    return StepInputs(tokens, prev_slot, meta, keep, SamplingArrays.pack(rows, s))
+    return StepInputs(tokens, prev_slot, meta, keep, sampling)

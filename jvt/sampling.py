@@ -30,16 +30,23 @@ class SamplingArrays:
     @staticmethod
     def pack(rows: list[tuple[SamplingParams, int, int]], size: int) -> SamplingArrays:
         """numpy arrays for (params, seed, counter) rows, padded greedy up to ``size``."""
-        temperature = np.zeros(size, np.float32)
-        top_k = np.zeros(size, np.int32)
-        top_p = np.ones(size, np.float32)
-        min_p = np.zeros(size, np.float32)
-        seed = np.zeros(size, np.uint32)
-        counter = np.zeros(size, np.int32)
+        arrays = SamplingArrays.empty(size)
         for i, (p, s, c) in enumerate(rows):
-            temperature[i], top_k[i], top_p[i], min_p[i] = p.temperature, p.top_k, p.top_p, p.min_p
-            seed[i], counter[i] = s, c
-        return SamplingArrays(temperature, top_k, top_p, min_p, seed, counter)
+            arrays.set_row(i, p, s, c)
+        return arrays
+
+    @staticmethod
+    def empty(size: int) -> SamplingArrays:
+        """numpy arrays of ``size`` greedy padding rows (filled by ``set_row``)."""
+        return SamplingArrays(np.zeros(size, np.float32), np.zeros(size, np.int32),
+                              np.ones(size, np.float32), np.zeros(size, np.float32),
+                              np.zeros(size, np.uint32), np.zeros(size, np.int32))
+
+    def set_row(self, i: int, params: SamplingParams, seed: int, counter: int) -> None:
+        """Row ``i`` samples with ``params`` from key (seed, counter) (numpy arrays only)."""
+        self.temperature[i], self.top_k[i] = params.temperature, params.top_k
+        self.top_p[i], self.min_p[i] = params.top_p, params.min_p
+        self.seed[i], self.counter[i] = seed, counter
 
 
 @jax.tree_util.register_dataclass

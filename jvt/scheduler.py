@@ -160,7 +160,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End ``seq`` (stop, length or abort); its slot is retained or released."""
+        """End ``seq`` (stop, length, abort or error); its slot is retained or released (an
+        aborted or failed sequence's KV is never kept)."""
         if seq.status is Status.FINISHED:
             return
         if seq.status is Status.RUNNING:
@@ -174,7 +175,7 @@ class Scheduler:
             return
         slot, seq.slot = seq.slot, None
         keep = seq.owner is not None or self.enable_prefix_sharing
-        if keep and reason != "abort" and seq.kv_valid > 0:
+        if keep and reason not in ("abort", "error") and seq.kv_valid > 0:
             if self.enable_prefix_sharing:  # including chunks its last steps computed
                 self.index.register(slot, seq.tokens, seq.kv_valid)
             self.retained[slot] = Retained(seq.tokens[:seq.kv_valid], seq.owner)

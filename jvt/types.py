@@ -60,7 +60,7 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         _check_number("temperature", self.temperature, lo=0.0)
-        _check_int("top_k", self.top_k, lo=0)
+        _check_int("top_k", self.top_k, lo=0, hi=INT32_MAX)
         _check_number("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         _check_number("min_p", self.min_p, lo=0.0, hi=1.0)
         _check_int("max_tokens", self.max_tokens, lo=1)
@@ -68,7 +68,7 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {s!r}")
         for t in self.stop_token_ids:
-            _check_int("stop_token_ids", t, lo=0)
+            _check_int("stop_token_ids", t, lo=0, hi=INT32_MAX)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None:
@@ -82,6 +82,7 @@ class SamplingParams:
 
 
 MAX_LOGPROBS = 8  # top log-probabilities the step computes for every sampled token
+INT32_MAX = 2**31 - 1  # the largest value a step's int32 arrays hold (top_k, token ids)
 
 
 def _check_int(name: str, value, *, lo: int, hi: int | None = None) -> None:
@@ -94,8 +95,8 @@ def _check_int(name: str, value, *, lo: int, hi: int | None = None) -> None:
 
 def _check_number(name: str, value, *, lo: float, hi: float | None = None,
                   lo_open: bool = False) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
-        raise ValueError(f"SamplingParams.{name} must be a number, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"SamplingParams.{name} must be a finite number, got {value!r}")
     if (value <= lo if lo_open else value < lo) or (hi is not None and value > hi):
         left = "(" if lo_open else "["
         right = f"{hi}]" if hi is not None else "inf)"
@@ -147,7 +148,16 @@ class Logprob:
     top: dict[int, float]  # up to SamplingParams.logprobs entries: token id -> logprob
 
 
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")  # error: RequestOutput.error says why
+
+
+class RequestError(RuntimeError):
+    """A request failed inside the engine (admitting, packing or post-processing it); the
+    engine itself goes on. ``request_id`` names it."""
+
+    def __init__(self, request_id: str, message: str):
+        super().__init__(f"request {request_id} failed: {message}")
+        self.request_id = request_id
 
 
 @dataclasses.dataclass
@@ -155,7 +165,8 @@ class RequestOutput:
     """The result of one request: generated text and ids, why it ended, metrics, logprobs.
 
     token_ids include a final stop or EOS token; text is the detokenized output with special
-    tokens skipped and trimmed before a matched stop string.
+    tokens skipped and trimmed before a matched stop string. error is set (and finish_reason
+    is "error") when the engine failed on this request alone.
     """
 
     request_id: str
@@ -166,6 +177,7 @@ class RequestOutput:
     finish_reason: str | None  # one of FINISH_REASONS once finished
     metrics: RequestMetrics
     logprobs: list[Logprob] | None = None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -1,8 +1,9 @@
 """Tokenizers: the built-in byte tokenizer of the presets, a wrapper of a Hugging Face
 checkpoint's own, and the tokenizer a GGUF file describes in its metadata.
 
-All follow one protocol (`Tokenizer`): encode/decode, vocab_size, bos_id, eos_ids, add_bos and
-apply_chat_template returning token ids. Special tokens are skipped by decode.
+All follow one protocol (`Tokenizer`): encode/decode, vocab_size, bos_id, eos_ids, add_bos,
+max_token_bytes and apply_chat_template returning token ids. Special tokens are skipped by
+decode.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Tokenizer(Protocol):
     bos_id: int | None
     eos_ids: tuple[int, ...]
     add_bos: bool
+    max_token_bytes: int  # no token covers more UTF-8 bytes of text (bounds tokens from bytes)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
 
@@ -45,6 +47,11 @@ def _with_bos(ids: list[int], add_bos: bool, bos_id: int | None) -> list[int]:
     if bos_id is None:
         raise ValueError("add_bos=True but this tokenizer has no BOS token")
     return [bos_id, *ids]
+
+
+def _longest_spelling(texts: list[str]) -> int:
+    """The most UTF-8 bytes of any of ``texts`` (at least 1)."""
+    return max((len(t.encode("utf-8", errors="surrogatepass")) for t in texts), default=1) or 1
 
 
 def _check_messages(messages: list[dict]) -> None:
@@ -73,6 +80,7 @@ class ByteTokenizer:
         self.bos_id = self.special_ids["<|bos|>"]
         self.eos_ids = (self.special_ids["<|eos|>"], self.special_ids["<|end|>"])
         self.add_bos = True
+        self.max_token_bytes = 1  # special-token names in text stay bytes
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Bytes of text; special-token names inside text stay plain bytes."""
@@ -164,6 +172,18 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """From every token's spelling and its decoding alone (special tokens included)."""
+        ids = list(range(len(self._tok)))
+        spellings = [t for t in self._tok.convert_ids_to_tokens(ids) if t is not None]
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        if backend is not None:
+            decoded = backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        else:
+            decoded = [self._tok.decode([i], skip_special_tokens=False) for i in ids]
+        return _longest_spelling(spellings + decoded)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
                             ) -> list[int]:
@@ -298,6 +318,13 @@ class GGUFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._raw.decode(list(ids), skip_special_tokens=True)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """From every token's spelling and its decoding alone (special tokens included)."""
+        decoded = self._raw.decode_batch([[i] for i in range(self.vocab_size)],
+                                         skip_special_tokens=False)
+        return _longest_spelling(self._tokens + decoded)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
                             ) -> list[int]:

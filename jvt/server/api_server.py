@@ -1,25 +1,43 @@
-"""The FastAPI app: routes, API-key check and error handlers (every error is the OpenAI body,
-400 instead of FastAPI's 422 for invalid requests)."""
+"""The FastAPI app: routes, error handlers (every error is the OpenAI body, 400 instead of
+FastAPI's 422 for invalid requests), the OpenAPI schema as the server really answers, and the
+request guard in front of it all (API key, body size, body timeout: ``limits``)."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 import jvt
 from jvt.server.bridge import EngineBridge, EngineDeadError
-from jvt.server.errors import APIError, error_body
+from jvt.server.errors import APIError
+from jvt.server.limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_REQUEST_BYTES,
+    OPEN_PATHS,
+    RequestGuard,
+    json_error,
+    timed_h11,
+)
 from jvt.server.metrics import ServerMetrics
-from jvt.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from jvt.server.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
 from jvt.server.serving import ServingContext
 from jvt.server.serving_chat import ChatServing
 from jvt.server.serving_completion import CompletionServing
@@ -27,62 +45,113 @@ from jvt.server.serving_completion import CompletionServing
 log = logging.getLogger("jvt.server")
 
 
+ERROR_STATUSES = {400: "invalid request", 401: "invalid or missing API key",
+                  404: "unknown model or route", 408: "request body not received in time",
+                  413: "request body too large", 500: "the engine failed",
+                  503: "server busy (Retry-After) or the engine is not running"}
+
+
+def _errors(*statuses: int) -> dict:
+    return {s: {"model": ErrorResponse, "description": ERROR_STATUSES[s]} for s in statuses}
+
+
+def _streamed(chunk) -> dict:
+    """A 200 that is JSON, or with ``stream: true`` server-sent events of ``chunk``."""
+    return {200: {"description": f"the response, or (stream: true) server-sent events, each "
+                                 f"`data: <{chunk.__name__}>` and a final `data: [DONE]`",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+GENERATE_ERRORS = (400, 401, 404, 408, 413, 500, 503)
+
+
 def create_app(bridge: EngineBridge, *, served_names: list[str], root: str,
-               metrics: ServerMetrics, api_key: str | None = None) -> FastAPI:
+               metrics: ServerMetrics, api_key: str | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
     """The app in front of a started ``bridge``.
 
     served_names: model names requests may give (the first is the default); root: what
-    --model named; api_key: when set, every route but /health, /version and /metrics needs
-    ``Authorization: Bearer <api_key>``.
+    --model named; api_key: when set, every route but OPEN_PATHS (/health, /version,
+    /metrics) needs ``Authorization: Bearer <api_key>``, /docs and /openapi.json included;
+    max_request_bytes, body_timeout_s: see ``limits.RequestGuard``.
     """
     app = FastAPI(title="jvt", version=jvt.__version__)
     ctx = ServingContext(bridge, served_names, root)
     completions, chat = CompletionServing(ctx), ChatServing(ctx)
     _install_error_handlers(app)
+    app.add_middleware(RequestGuard, api_key=api_key, max_request_bytes=max_request_bytes,
+                       body_timeout_s=body_timeout_s)
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"description": "the engine is running"},
+                                   **_errors(503)})
     async def health() -> Response:
         if bridge.alive:
             return Response(status_code=200)
         return _error(APIError(503, "the engine is not running"))
 
     @app.get("/version")
-    async def version() -> dict:
+    async def version() -> dict[str, str]:
         return {"version": jvt.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text exposition",
+              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    api = APIRouter(dependencies=[Depends(_api_key_check(api_key))])
-
-    @api.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(401))
     async def models() -> Response:
         cards = [ModelCard(id=name, root=root, max_model_len=ctx.max_model_len)
                  for name in served_names]
         return Response(ModelList(data=cards).model_dump_json(), media_type="application/json")
 
-    @api.post("/v1/completions")
+    @app.post("/v1/completions", response_model=CompletionResponse,
+              responses={**_streamed(CompletionResponse), **_errors(*GENERATE_ERRORS)})
     async def create_completion(req: CompletionRequest, raw: Request) -> Response:
         return await completions.create(req, raw)
 
-    @api.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses={**_streamed(ChatCompletionChunk), **_errors(*GENERATE_ERRORS)})
     async def create_chat_completion(req: ChatCompletionRequest, raw: Request) -> Response:
         return await chat.create(req, raw)
 
-    @api.get("/engine/stats")
+    @app.get("/engine/stats", responses=_errors(401, 500))
     async def engine_stats() -> dict:
         """engine.stats() now (debug: KV chunks, slots, queue lengths)."""
         return await _on_engine(bridge, lambda engine: engine.stats())
 
-    @api.post("/reset_prefix_cache")
+    @app.post("/reset_prefix_cache", responses={200: {"description": "done"},
+                                                **_errors(401, 500)})
     async def reset_prefix_cache() -> Response:
         """Release the retained slots of finished requests (engine.free_cache())."""
         await _on_engine(bridge, lambda engine: engine.free_cache())
         return Response(status_code=200)
 
-    app.include_router(api)
+    app.openapi = lambda: _openapi(app, secured=api_key is not None)
     return app
+
+
+def _openapi(app: FastAPI, secured: bool) -> dict:
+    """FastAPI's schema without the 422 it adds to every route with a body (this server
+    answers 400), with the bearer key on every route that needs it."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    for path, ops in schema["paths"].items():
+        for op in ops.values():
+            op["responses"].pop("422", None)
+            if secured and path not in OPEN_PATHS:
+                op["security"] = [{"bearer": []}]
+    components = schema.setdefault("components", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(name, None)
+    if secured:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    app.openapi_schema = schema
+    return schema
 
 
 async def _on_engine(bridge: EngineBridge, fn):
@@ -92,30 +161,23 @@ async def _on_engine(bridge: EngineBridge, fn):
         raise APIError(500, str(e)) from None
 
 
-def _api_key_check(api_key: str | None):
-    expected = f"Bearer {api_key}".encode() if api_key else None
-
-    async def check(raw: Request) -> None:
-        if expected is None:
-            return
-        given = raw.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)")
-
-    return check
+def _json(status: int, message: str, param: str | None = None,
+          headers: dict[str, str] | None = None) -> Response:
+    body, _ = json_error(status, message, param)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
-def _error(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body().model_dump(), status_code=e.status, headers=e.headers)
+def _error(e: APIError) -> Response:
+    return _json(e.status, e.message, e.param, e.headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def api_error(raw: Request, e: APIError) -> JSONResponse:
+    async def api_error(raw: Request, e: APIError) -> Response:
         return _error(e)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(raw: Request, e: RequestValidationError) -> JSONResponse:
+    async def invalid_request(raw: Request, e: RequestValidationError) -> Response:
         errors = e.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -126,18 +188,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = f"{where}: {first['msg']}" if where else first["msg"]
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more error(s))"
-        return JSONResponse(error_body(400, message, param).model_dump(), status_code=400)
+        return _json(400, message, param)
 
     @app.exception_handler(HTTPException)
-    async def http_error(raw: Request, e: HTTPException) -> JSONResponse:
-        return JSONResponse(error_body(e.status_code, str(e.detail)).model_dump(),
-                            status_code=e.status_code, headers=e.headers)
+    async def http_error(raw: Request, e: HTTPException) -> Response:
+        return _json(e.status_code, str(e.detail), headers=e.headers)
 
     @app.exception_handler(Exception)
-    async def internal_error(raw: Request, e: Exception) -> JSONResponse:
+    async def internal_error(raw: Request, e: Exception) -> Response:
         log.exception("unhandled error in %s %s", raw.method, raw.url.path)
-        return JSONResponse(error_body(500, f"internal error: {e!r}").model_dump(),
-                            status_code=500)
+        return _json(500, f"internal error: {e!r}")
 
 
 class _Server(uvicorn.Server):
@@ -156,8 +216,10 @@ class _Server(uvicorn.Server):
         self.bridge.abort_all()
 
 
-def serve(app: FastAPI, bridge: EngineBridge, *, host: str, port: int, log_level: str) -> None:
-    """Run ``app`` with uvicorn until SIGINT/SIGTERM (returns after a clean shutdown)."""
+def serve(app: FastAPI, bridge: EngineBridge, *, host: str, port: int, log_level: str,
+          header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S) -> None:
+    """Run ``app`` with uvicorn until SIGINT/SIGTERM (returns after a clean shutdown).
+    header_timeout_s: see ``limits.timed_h11``."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=10, http=timed_h11(header_timeout_s))
     _Server(config, bridge).run()

@@ -6,8 +6,11 @@ blocks on that queue while the engine has no work, and otherwise loops: commands
 ``engine.step()``, then the new deltas of every request, handed to each submission's asyncio
 queue through ``loop.call_soon_threadsafe`` (one callback per event loop per step).
 
-If the engine raises, the thread records the error, fails every open submission with
-``EngineDeadError`` and exits; ``alive`` turns False (the server answers /health with 503).
+A request can only fail itself: an error while admitting one (other than the engine's
+ValueError for bad input) fails its submission with ``RequestFailedError``, and the engine
+fails a request it cannot pack or post-process with finish_reason "error"; the thread goes on.
+If ``engine.step()`` itself raises, the thread records the error, fails every open submission
+with ``EngineDeadError`` and exits; ``alive`` turns False (the server answers /health with 503).
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ class EngineDeadError(RuntimeError):
 
 class QueueFullError(RuntimeError):
     """Admitting the request would exceed the bound on unfinished requests."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed on this request alone (a bug, not bad input); the engine goes on."""
 
 
 class InvalidRequestError(ValueError):
@@ -97,6 +104,7 @@ class EngineBridge:
         self._ready: concurrent.futures.Future = concurrent.futures.Future()
         self.stats: dict = {}  # engine.stats() after the latest iteration
         self.tokenizer = self.config = self.model_config = None
+        self.max_token_bytes = 1  # the tokenizer's, set by start()
 
     # -- asyncio side ------------------------------------------------------------------
 
@@ -106,6 +114,7 @@ class EngineBridge:
         engine = self._ready.result()
         self.tokenizer, self.config = engine.tokenizer, engine.config
         self.model_config = engine.model.config
+        self.max_token_bytes = engine.tokenizer.max_token_bytes
         self.max_pending = engine.config.max_num_seqs + self.max_queue
 
     @property
@@ -224,19 +233,25 @@ class EngineBridge:
             try:
                 req = engine.add_request(prompt, params)
             except ValueError as e:
-                for done in sub.requests:  # all or nothing
-                    engine.abort(done.request_id)
-                    del active[done.request_id]
-                sub.requests.clear()
-                self._release(len(sub.items))
-                _resolve(sub.accepted, InvalidRequestError(i, e))
+                self._reject(engine, active, sub, InvalidRequestError(i, e))
                 return
-            except BaseException as e:  # the engine is broken: the thread dies with it
-                _resolve(sub.accepted, EngineDeadError(f"the engine failed: {e!r}"))
-                raise
+            except Exception as e:
+                log.exception("admitting a request failed")
+                self._reject(engine, active, sub, RequestFailedError(
+                    f"the engine failed to admit the request: {e!r}"))
+                return
             sub.requests.append(req)
             active[req.request_id] = (req, sub, i)
         _resolve(sub.accepted, result=None)
+
+    def _reject(self, engine, active: dict, sub: Submission, error: Exception) -> None:
+        """All or nothing: abort the items of ``sub`` already queued, resolve it with error."""
+        for done in sub.requests:
+            engine.abort(done.request_id)
+            del active[done.request_id]
+        sub.requests.clear()
+        self._release(len(sub.items))
+        _resolve(sub.accepted, error)
 
     def _publish(self, engine, active: dict) -> None:
         """Hand every request's new delta to its submission; forget finished requests."""
@@ -251,7 +266,10 @@ class EngineBridge:
                 output = req.output()
                 self._release(1)
                 if self._on_finish is not None:
-                    self._on_finish(output)
+                    try:
+                        self._on_finish(output)
+                    except Exception:  # metrics must never take the engine down
+                        log.exception("on_finish failed for request %s", rid)
             by_loop[sub.loop].append((sub.updates, Update(index, delta, output)))
         for loop, items in by_loop.items():
             _deliver_threadsafe(loop, items)

@@ -13,6 +13,12 @@ import os
 import sys
 import time
 
+from jvt.server.limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_REQUEST_BYTES,
+)
+
 ENGINE_FLAGS = (  # flag, type, help; each given flag becomes the EngineConfig field of its name
     ("--device", str, "cpu, cuda or cuda:N (default cpu)"),
     ("--dtype", str, "bfloat16, float16 or float32 (default: the model's; bfloat16 on CUDA)"),
@@ -48,6 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=None,
                         help="unfinished requests allowed beyond --max-num-seqs before 503 "
                              f"(default {QUEUE_PER_SLOT} x max-num-seqs)")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="largest request body; a larger one is a 413 before it is read "
+                             f"(default {DEFAULT_MAX_REQUEST_BYTES})")
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        help="seconds a client has to send a request's headers (default "
+                             f"{DEFAULT_HEADER_TIMEOUT_S:g}); then the connection is closed")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help="seconds a client has to send a request's body after its headers "
+                             f"(default {DEFAULT_BODY_TIMEOUT_S:g}); then 408")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
     add_engine_arguments(parser)
@@ -102,6 +117,12 @@ def run(args: argparse.Namespace) -> int:
             QUEUE_PER_SLOT * config.max_num_seqs
         if max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {max_queue}")
+        if args.max_request_bytes < 1:
+            raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+        for flag in ("header_timeout", "body_timeout"):
+            if not getattr(args, flag) > 0:
+                raise ValueError(f"--{flag.replace('_', '-')} must be > 0 seconds, got "
+                                 f"{getattr(args, flag)}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -121,9 +142,11 @@ def run(args: argparse.Namespace) -> int:
         time.perf_counter() - t0, args.model, bridge.config.max_model_len,
         bridge.config.max_num_seqs, bridge.max_pending)
     app = create_app(bridge, served_names=names, root=args.model, metrics=metrics,
-                     api_key=args.api_key)
+                     api_key=args.api_key, max_request_bytes=args.max_request_bytes,
+                     body_timeout_s=args.body_timeout)
     try:
-        serve(app, bridge, host=args.host, port=args.port, log_level=args.log_level)
+        serve(app, bridge, host=args.host, port=args.port, log_level=args.log_level,
+              header_timeout_s=args.header_timeout)
     finally:
         bridge.stop()
     return 0

@@ -1,22 +1,40 @@
 """The OpenAI wire format: pydantic request and response models (vLLM's ``protocol.py``).
 
-This module is the only place where field names and defaults live. Requests are validated
-strictly (no string-to-number coercion); unknown fields are ignored, as OpenAI clients send
-fields this server does not implement (``user``, ``presence_penalty``, ...). Ranges that the
-engine checks itself (temperature, top_p, seed, ...) are checked by ``jvt.SamplingParams``.
+This module is the only place where field names, defaults and ranges live (the published
+OpenAPI schema shows them). Requests are validated strictly (no string-to-number coercion):
+integers within what the step's int32 arrays hold, floats finite, strings valid Unicode (no
+lone surrogates). Unknown fields are ignored, as OpenAI clients send fields this server does
+not implement (``user``, ``presence_penalty``, ...). ``jvt.SamplingParams`` checks the
+sampling ranges once more.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from jvt.types import MAX_LOGPROBS, SamplingParams
+from jvt.types import INT32_MAX, MAX_LOGPROBS, SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default for both endpoints
+MAX_N = 128  # most choices of one request (OpenAI's bound); the server may allow fewer
+SEED_MAX = 2**32 - 1
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be valid Unicode text: a lone surrogate "
+                         f"(U+{ord(text[e.start]):04X}) at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # every string of a request
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Count = Annotated[int, Field(ge=1, le=INT32_MAX)]  # max_tokens and its aliases
 
 
 class _Request(BaseModel):
@@ -30,15 +48,15 @@ class StreamOptions(_Request):
 class _SamplingRequest(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: str | None = None  # None: the served model
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 and 0 disable it
-    min_p: float | None = None
-    n: int = Field(1, ge=1)  # independent choices of one prompt (seed + i when seeded)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    model: Text | None = None  # None: the served model
+    temperature: float | None = Field(None, ge=0.0, allow_inf_nan=False)  # 0: greedy
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)  # vLLM's extension; -1, 0: off
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)  # independent choices of one prompt (seed + i if seeded)
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -60,19 +78,17 @@ class _SamplingRequest(_Request):
             "logprobs": logprobs}
         if self.seed is None:
             return [SamplingParams(**base)] * self.n
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"SamplingParams.seed must be in [0, {2**32 - 1}], got {self.seed}")
         return [SamplingParams(**base, seed=(self.seed + i) % 2**32) for i in range(self.n)]
 
 
-PromptIds = list[int]
+PromptIds = list[TokenId]
 
 
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | PromptIds | list[PromptIds]
-    max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS  # null: up to max_model_len
+    prompt: Text | list[Text] | PromptIds | list[PromptIds]
+    max_tokens: Count | None = DEFAULT_COMPLETION_MAX_TOKENS  # null: up to max_model_len
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top alternatives per token
     echo: bool = False  # prepend the prompt to the returned text
 
@@ -81,6 +97,12 @@ class CompletionRequest(_SamplingRequest):
         if self.echo and self.logprobs is not None:
             raise ValueError("echo with logprobs is not supported (no prompt logprobs)")
         return self
+
+    def count(self) -> int:
+        """Engine requests this asks for (prompts x n), without building anything."""
+        p = self.prompt
+        single = isinstance(p, str) or (p and isinstance(p[0], int))
+        return (1 if single else len(p)) * self.n
 
     def prompts(self) -> list[str | PromptIds]:
         """The prompts as a list (each a string or token ids)."""
@@ -96,12 +118,12 @@ class CompletionRequest(_SamplingRequest):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart] | None = None  # parts are joined with newlines (vLLM)
+    content: Text | list[TextPart] | None = None  # parts are joined with newlines (vLLM)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -113,8 +135,8 @@ class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None  # preferred over the deprecated max_tokens
-    max_tokens: int | None = None  # neither: what is left of max_model_len
+    max_completion_tokens: Count | None = None  # preferred over the deprecated max_tokens
+    max_tokens: Count | None = None  # neither: what is left of max_model_len
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 

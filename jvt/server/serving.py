@@ -8,6 +8,7 @@ outputs (aborting when the client goes away) and server-sent events.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
@@ -19,6 +20,7 @@ from jvt.server.bridge import (
     EngineDeadError,
     InvalidRequestError,
     QueueFullError,
+    RequestFailedError,
     Submission,
     Update,
 )
@@ -43,7 +45,7 @@ class Generation:
 
     async def updates(self) -> AsyncIterator[Update]:
         """Updates until every choice has finished (EngineDeadError if the engine dies
-        meanwhile). Updates of one choice that queued up while the consumer was busy (a slow
+        meanwhile, RequestFailedError if it failed on one choice). Updates of one choice that queued up while the consumer was busy (a slow
         client, a loaded event loop) come merged into one: fewer, larger chunks under load."""
         queue = self.sub.updates
         try:
@@ -57,6 +59,9 @@ class Generation:
                         raise item
                     if item.output is not None:
                         self.open -= 1
+                        if item.output.error is not None:
+                            raise RequestFailedError(
+                                f"the engine failed on this request: {item.output.error}")
                     yield item
         finally:
             self.abort()
@@ -77,10 +82,10 @@ class Generation:
             await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
             if not task.done():
                 return None
-            try:
-                return task.result()
-            except EngineDeadError as e:
-                raise APIError(500, str(e)) from None
+            error = task.exception()
+            if isinstance(error, (EngineDeadError, RequestFailedError)):
+                raise APIError(500, str(error)) from None
+            return task.result()
         finally:
             gone.cancel()
             task.cancel()
@@ -145,21 +150,47 @@ class ServingContext:
                                 f"{self.served_names}.", "model")
         return requested
 
-    def check_room(self, prompt: str | list[int], max_tokens: int | None, name: str,
+    @property
+    def max_token_bytes(self) -> int:
+        return self.bridge.max_token_bytes
+
+    def check_count(self, count: int) -> None:
+        """400 (param n) for more engine requests (prompts x n) than the server ever holds,
+        before anything is built for them."""
+        limit = self.bridge.max_pending
+        if count > limit:
+            raise APIError(400, f"the request asks for {count} completions (prompts x n); "
+                                f"this server holds at most {limit} requests", "n")
+
+    def check_text_bytes(self, size: int, name: str, field: str) -> None:
+        """400 (param ``field``) when ``size`` bytes of prompt text cannot fit the context
+        whatever they tokenize to: no token spells more than max_token_bytes bytes. Checked
+        before tokenizing, so an oversized prompt costs no tokenization."""
+        fewest = math.ceil(size / self.max_token_bytes)
+        if fewest >= self.max_model_len:
+            raise APIError(400, f"{name} has {size} bytes of text, at least {fewest} tokens, "
+                                f"and this model's maximum context length is "
+                                f"{self.max_model_len} tokens", field)
+
+    async def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (with the tokenizer's BOS rule), on a worker thread."""
+        tok = self.tokenizer
+        return await asyncio.to_thread(lambda: [tok.encode(t, add_bos=tok.add_bos)
+                                                for t in texts])
+
+    async def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The chat template rendered and tokenized, on a worker thread."""
+        return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages,
+                                       add_generation_prompt=True)
+
+    def check_room(self, ids: list[int], max_tokens: int | None, name: str,
                    field: str) -> None:
         """400 (param ``field``) when an explicit max_tokens does not fit the model's context
         after the prompt, as vLLM and OpenAI answer (None: whatever room is left). A prompt
         that leaves no room at all is left to the engine's own error about the prompt."""
         if max_tokens is None:
             return
-        if isinstance(prompt, str):
-            # The engine tokenizes a text prompt again; skip it here when the prompt fits
-            # for sure: every token covers at least one UTF-8 byte, besides BOS and a
-            # SentencePiece-style dummy prefix.
-            if len(prompt.encode()) + 2 + max_tokens <= self.max_model_len:
-                return
-            prompt = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos)
-        n = len(prompt)
+        n = len(ids)
         room = self.max_model_len - n
         if 0 < room < max_tokens:
             raise APIError(400, f"{name} has {n} tokens and {field}={max_tokens} asks for "
@@ -167,18 +198,14 @@ class ServingContext:
                                 f"{self.max_model_len} tokens: {field} may be at most {room}",
                            field)
 
-    async def submit(self, items: list[tuple[str | list[int], SamplingParams]], param: str,
+    async def submit(self, items: list[tuple[list[int], SamplingParams]], param: str,
                      item_name=None) -> Generation:
         """Queue ``items`` in the engine; the Generation once the engine has accepted all.
 
         Errors: 400 when the engine rejects an item (``param`` names the field;
-        ``item_name(i)`` the item in the message), 400 for more items than the server ever
-        holds, 503 (Retry-After) when the queue is full, 500 when the engine is dead.
+        ``item_name(i)`` the item in the message), 503 (Retry-After) when the queue is full,
+        500 when the engine is dead or failed to admit the request.
         """
-        limit = self.bridge.max_pending
-        if len(items) > limit:
-            raise APIError(400, f"the request asks for {len(items)} completions (prompts x n); "
-                                f"this server holds at most {limit} requests", "n")
         try:
             sub = self.bridge.submit(items)
         except QueueFullError as e:
@@ -186,16 +213,21 @@ class ServingContext:
                            {"Retry-After": str(RETRY_AFTER_S)}) from None
         except EngineDeadError as e:
             raise APIError(500, str(e)) from None
+        accepted = asyncio.wrap_future(sub.accepted)
         try:
-            await asyncio.wrap_future(sub.accepted)
-        except InvalidRequestError as e:
-            where = f"{item_name(e.index)}: " if item_name and len(items) > 1 else ""
-            raise APIError(400, where + str(e), param) from None
-        except EngineDeadError as e:
-            raise APIError(500, str(e)) from None
+            await asyncio.wait([accepted])
         except asyncio.CancelledError:
             self.bridge.abort(sub)
             raise
+        # Read the outcome instead of raising it: a raised error's traceback would hold this
+        # frame, whose ``sub`` holds the error (a cycle keeping the request's prompt alive
+        # until a full garbage collection).
+        error = accepted.exception()
+        if isinstance(error, InvalidRequestError):
+            where = f"{item_name(error.index)}: " if item_name and len(items) > 1 else ""
+            raise APIError(400, where + str(error), param) from None
+        if error is not None:
+            raise APIError(500, str(error)) from None
         return Generation(self.bridge, sub)
 
 

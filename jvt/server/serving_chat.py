@@ -10,7 +10,7 @@ from jinja2 import TemplateError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from jvt.server.bridge import EngineDeadError
+from jvt.server.bridge import EngineDeadError, RequestFailedError
 from jvt.server.errors import APIError, bad_sampling_params
 from jvt.server.protocol import (
     ChatChoice,
@@ -44,15 +44,18 @@ class ChatServing:
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         ctx = self.ctx
         model = ctx.model_name(req.model)
+        ctx.check_count(req.n)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            ids = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except (ValueError, TemplateError) as e:
-            raise APIError(400, f"messages: {e}", "messages") from None
+        ctx.check_text_bytes(sum(len(m["content"].encode()) for m in messages), "messages",
+                             "messages")
         try:
             params = req.sampling_params(ctx.max_model_len)
         except ValueError as e:
             raise bad_sampling_params(e, {"logprobs": "top_logprobs"}) from None
+        try:
+            ids = await ctx.chat_ids(messages)
+        except (ValueError, TemplateError) as e:
+            raise APIError(400, f"messages: {e}", "messages") from None
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         ctx.check_room(ids, req.max_completion_tokens if req.max_completion_tokens is not None
                        else req.max_tokens, "messages", field)
@@ -91,7 +94,7 @@ class ChatServing:
                                                          finish_reason=d.finish_reason))
             if include_usage:
                 yield sse(ChatCompletionChunk(**head, choices=[], usage=usage(outs, n)))
-        except EngineDeadError as e:
+        except (EngineDeadError, RequestFailedError) as e:
             yield sse_error(e)
         yield SSE_DONE
 

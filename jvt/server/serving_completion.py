@@ -8,7 +8,7 @@ import uuid
 from starlette.requests import Request
 from starlette.responses import Response
 
-from jvt.server.bridge import EngineDeadError
+from jvt.server.bridge import EngineDeadError, RequestFailedError
 from jvt.server.errors import APIError, bad_sampling_params
 from jvt.server.protocol import (
     CompletionChoice,
@@ -36,18 +36,27 @@ class CompletionServing:
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
         ctx = self.ctx
         model = ctx.model_name(req.model)
+        ctx.check_count(req.count())
         prompts = req.prompts()
         if not prompts:
             raise APIError(400, "prompt is an empty list", "prompt")
+        names = [f"prompt[{i}]" if len(prompts) > 1 else "prompt" for i in range(len(prompts))]
+        texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+        for i in texts:
+            if not prompts[i]:
+                raise APIError(400, f"{names[i]} is an empty string", "prompt")
+            ctx.check_text_bytes(len(prompts[i].encode()), names[i], "prompt")
         try:
             params = req.sampling_params(ctx.max_model_len)
         except ValueError as e:
             raise bad_sampling_params(e) from None
-        for i, p in enumerate(prompts):
-            ctx.check_room(p, req.max_tokens, f"prompt[{i}]" if len(prompts) > 1 else "prompt",
-                           "max_tokens")
+        ids = list(prompts)
+        for i, encoded in zip(texts, await ctx.encode([prompts[i] for i in texts])):
+            ids[i] = encoded
+        for name, p in zip(names, ids):
+            ctx.check_room(p, req.max_tokens, name, "max_tokens")
         n = req.n
-        gen = await ctx.submit([(p, sp) for p in prompts for sp in params], "prompt",
+        gen = await ctx.submit([(p, sp) for p in ids for sp in params], "prompt",
                                lambda i: f"prompt[{i // n}]")
         echo = [(p if isinstance(p, str) else ctx.tokenizer.decode(p)) if req.echo else ""
                 for p in prompts]
@@ -90,7 +99,7 @@ class CompletionServing:
                 yield sse(CompletionResponse(**head, choices=[choice]))
             if include_usage:
                 yield sse(CompletionResponse(**head, choices=[], usage=usage(outs, n)))
-        except EngineDeadError as e:
+        except (EngineDeadError, RequestFailedError) as e:
             yield sse_error(e)
         yield SSE_DONE
 
