@@ -1,16 +1,17 @@
-"""The FastAPI app: routes, error handlers (every error is the OpenAI body, 400 instead of
-FastAPI's 422 for invalid requests), the OpenAPI schema as the server really answers, and the
+"""The FastAPI app: routes, request parsing and error handlers (every error is the OpenAI
+body, 400 for invalid requests), the OpenAPI schema as the server really answers, and the
 request guard in front of it all (API key, body size, body timeout: ``limits``)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 
 import uvicorn
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -57,9 +58,13 @@ def _errors(*statuses: int) -> dict:
 
 def _streamed(chunk) -> dict:
     """A 200 that is JSON, or with ``stream: true`` server-sent events of ``chunk``."""
-    return {200: {"description": f"the response, or (stream: true) server-sent events, each "
-                                 f"`data: <{chunk.__name__}>` and a final `data: [DONE]`",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+    event = {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "string", "description": f"a JSON {chunk.__name__}, an error body, "
+                                                  f"or [DONE] (the last event)"},
+        "event": {"type": "string"}}}
+    return {200: {"description": f"the response, or (stream: true) server-sent events of "
+                                 f"{chunk.__name__} ending with `data: [DONE]`",
+                  "content": {"text/event-stream": {"schema": event}}}}
 
 
 GENERATE_ERRORS = (400, 401, 404, 408, 413, 500, 503)
@@ -83,8 +88,9 @@ def create_app(bridge: EngineBridge, *, served_names: list[str], root: str,
     app.add_middleware(RequestGuard, api_key=api_key, max_request_bytes=max_request_bytes,
                        body_timeout_s=body_timeout_s)
 
-    @app.get("/health", responses={200: {"description": "the engine is running"},
-                                   **_errors(503)})
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "the engine is running (empty body)"},
+                        **_errors(503)})
     async def health() -> Response:
         if bridge.alive:
             return Response(status_code=200)
@@ -107,22 +113,24 @@ def create_app(bridge: EngineBridge, *, served_names: list[str], root: str,
         return Response(ModelList(data=cards).model_dump_json(), media_type="application/json")
 
     @app.post("/v1/completions", response_model=CompletionResponse,
+              openapi_extra=_body(CompletionRequest),
               responses={**_streamed(CompletionResponse), **_errors(*GENERATE_ERRORS)})
-    async def create_completion(req: CompletionRequest, raw: Request) -> Response:
-        return await completions.create(req, raw)
+    async def create_completion(raw: Request) -> Response:
+        return await completions.create(await _parse(raw, CompletionRequest), raw)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              openapi_extra=_body(ChatCompletionRequest),
               responses={**_streamed(ChatCompletionChunk), **_errors(*GENERATE_ERRORS)})
-    async def create_chat_completion(req: ChatCompletionRequest, raw: Request) -> Response:
-        return await chat.create(req, raw)
+    async def create_chat_completion(raw: Request) -> Response:
+        return await chat.create(await _parse(raw, ChatCompletionRequest), raw)
 
     @app.get("/engine/stats", responses=_errors(401, 500))
     async def engine_stats() -> dict:
         """engine.stats() now (debug: KV chunks, slots, queue lengths)."""
         return await _on_engine(bridge, lambda engine: engine.stats())
 
-    @app.post("/reset_prefix_cache", responses={200: {"description": "done"},
-                                                **_errors(401, 500)})
+    @app.post("/reset_prefix_cache", response_class=Response,
+              responses={200: {"description": "done (empty body)"}, **_errors(401, 500)})
     async def reset_prefix_cache() -> Response:
         """Release the retained slots of finished requests (engine.free_cache())."""
         await _on_engine(bridge, lambda engine: engine.free_cache())
@@ -132,9 +140,55 @@ def create_app(bridge: EngineBridge, *, served_names: list[str], root: str,
     return app
 
 
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest)
+
+
+def _body(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+async def _parse(raw: Request, model: type[BaseModel]):
+    """The request body as ``model``, parsed and validated in one pass; 400 naming the field
+    otherwise. The one-pass parser refuses lone surrogates (and NaN / Infinity) as invalid
+    JSON, so invalid JSON is parsed once more by the standard library's parser, which takes
+    them, to name the field that holds one."""
+    body = await raw.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:  # keep only the message: ``e`` holds the whole body
+        message, param, kind = _validation_error(e)
+    if kind == "json_invalid":
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if data is not None:
+            try:
+                return model.model_validate(data)
+            except ValidationError as e:
+                message, param, _ = _validation_error(e)
+    raise APIError(400, message, param)
+
+
+def _validation_error(e: ValidationError) -> tuple[str, str | None, str | None]:
+    """(message, the top-level field at fault, the first error's type) of a pydantic error."""
+    errors = e.errors(include_input=False, include_url=False)
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": None}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":  # loc is a position in the body, not a field
+        loc = []
+    where = ".".join(loc)
+    message = f"{where}: {first['msg']}" if where else first["msg"]
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error(s))"
+    return message, (loc[0] if loc else None), first.get("type")
+
+
 def _openapi(app: FastAPI, secured: bool) -> dict:
-    """FastAPI's schema without the 422 it adds to every route with a body (this server
-    answers 400), with the bearer key on every route that needs it."""
+    """FastAPI's schema with the request models (parsed by ``_parse``, not by FastAPI),
+    without the 422 FastAPI adds to routes with parameters (this server answers 400), with
+    the bearer key on every route that needs it."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
@@ -146,8 +200,13 @@ def _openapi(app: FastAPI, secured: bool) -> dict:
             if secured and path not in OPEN_PATHS:
                 op["security"] = [{"bearer": []}]
     components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
-        components.get("schemas", {}).pop(name, None)
+        schemas.pop(name, None)
+    for model in REQUEST_MODELS:
+        request = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(request.pop("$defs", {}))
+        schemas[model.__name__] = request
     if secured:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     app.openapi_schema = schema
@@ -175,20 +234,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(raw: Request, e: APIError) -> Response:
         return _error(e)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(raw: Request, e: RequestValidationError) -> Response:
-        errors = e.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":  # loc is a position in the body, not a field
-            loc = []
-        param = loc[0] if loc else None
-        where = ".".join(loc)
-        message = f"{where}: {first['msg']}" if where else first["msg"]
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more error(s))"
-        return _json(400, message, param)
 
     @app.exception_handler(HTTPException)
     async def http_error(raw: Request, e: HTTPException) -> Response:

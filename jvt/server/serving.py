@@ -183,16 +183,18 @@ class ServingContext:
         return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages,
                                        add_generation_prompt=True)
 
-    def check_room(self, ids: list[int], max_tokens: int | None, name: str,
+    def check_room(self, ids: list[int], max_tokens: int | None, name: str, prompt_field: str,
                    field: str) -> None:
-        """400 (param ``field``) when an explicit max_tokens does not fit the model's context
-        after the prompt, as vLLM and OpenAI answer (None: whatever room is left). A prompt
-        that leaves no room at all is left to the engine's own error about the prompt."""
-        if max_tokens is None:
-            return
+        """400 (param ``prompt_field``) for a prompt that leaves no room in the model's context,
+        and (param ``field``) when an explicit max_tokens does not fit after the prompt, as vLLM
+        and OpenAI answer (None: whatever room is left)."""
         n = len(ids)
         room = self.max_model_len - n
-        if 0 < room < max_tokens:
+        if room <= 0:
+            raise APIError(400, f"{name} has {n} tokens; this model's maximum context length "
+                                f"of {self.max_model_len} tokens leaves room for prompts of at "
+                                f"most {self.max_model_len - 1}", prompt_field)
+        if max_tokens is not None and room < max_tokens:
             raise APIError(400, f"{name} has {n} tokens and {field}={max_tokens} asks for "
                                 f"{max_tokens} more, but this model's maximum context length is "
                                 f"{self.max_model_len} tokens: {field} may be at most {room}",

@@ -58,7 +58,7 @@ class ChatServing:
             raise APIError(400, f"messages: {e}", "messages") from None
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         ctx.check_room(ids, req.max_completion_tokens if req.max_completion_tokens is not None
-                       else req.max_tokens, "messages", field)
+                       else req.max_tokens, "messages", "messages", field)
         gen = await ctx.submit([(ids, sp) for sp in params], "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
         if req.stream:

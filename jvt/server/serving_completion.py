@@ -54,7 +54,7 @@ class CompletionServing:
         for i, encoded in zip(texts, await ctx.encode([prompts[i] for i in texts])):
             ids[i] = encoded
         for name, p in zip(names, ids):
-            ctx.check_room(p, req.max_tokens, name, "max_tokens")
+            ctx.check_room(p, req.max_tokens, name, "prompt", "max_tokens")
         n = req.n
         gen = await ctx.submit([(p, sp) for p in ids for sp in params], "prompt",
                                lambda i: f"prompt[{i // n}]")
