@@ -19,7 +19,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from jvt.server.errors import error_body
 
 OPEN_PATHS = frozenset({"/health", "/version", "/metrics"})  # reachable without the API key
-DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
+DEFAULT_MAX_REQUEST_BYTES = 2**20
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_BODY_TIMEOUT_S = 30.0
 
