@@ -285,11 +285,101 @@ def test_chat_logprobs_and_n(client):
     assert all(e.top_logprobs == [] for e in bare.choices[0].logprobs.content)
 
 
-def test_unknown_fields_are_ignored(http):
-    r = http.post("/v1/chat/completions", json={
-        "model": "tiny", "messages": MESSAGES, "max_tokens": 2, "user": "u1",
-        "presence_penalty": 0.0, "some_future_field": {"x": 1}})
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+INERT_FIELDS = {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
+                "presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                "logit_bias": {}, "min_tokens": 0, "response_format": {"type": "text"}}
+
+
+@pytest.mark.parametrize("route, extra", [
+    ("/v1/chat/completions", {**INERT_FIELDS, "tools": [], "tool_choice": "none",
+                              "parallel_tool_calls": False}),
+    ("/v1/completions", {**INERT_FIELDS, "suffix": "", "best_of": 2, "n": 2}),
+])
+def test_fields_without_effect_are_accepted_and_change_nothing(http, route, extra):
+    body = ({"messages": MESSAGES} if "chat" in route else {"prompt": "Hello"}) | {
+        "max_tokens": 6, "temperature": 0, "ignore_eos": True, "n": extra.get("n", 1)}
+    plain = http.post(route, json=body)
+    inert = http.post(route, json={**body, **extra})
+    assert plain.status_code == inert.status_code == 200, inert.text
+    pick = "message" if "chat" in route else "text"
+    assert [c[pick] for c in inert.json()["choices"]] == [c[pick] for c in plain.json()["choices"]]
+
+
+REFUSED_FIELDS = [  # (route, extra fields, param): each would change the output
+    ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/completions", {"frequency_penalty": -1}, "frequency_penalty"),
+    ("/v1/chat/completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
+    ("/v1/completions", {"logit_bias": {"65": 100}}, "logit_bias"),
+    ("/v1/chat/completions", {"min_tokens": 4}, "min_tokens"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+    ("/v1/completions", {"suffix": "END"}, "suffix"),
+    ("/v1/completions", {"best_of": 3}, "best_of"),
+    ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
+    ("/v1/completions", {"temprature": 0.0}, "temprature"),
+    ("/v1/completions", {"guided_json": {"type": "object"}}, "guided_json"),
+    ("/v1/chat/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]},
+     "messages"),
+]
+
+
+@pytest.mark.parametrize("route, extra, param", REFUSED_FIELDS,
+                         ids=[f"{i}-{p}" for i, (_, _, p) in enumerate(REFUSED_FIELDS)])
+def test_fields_that_would_change_the_output_are_refused(http, route, extra, param):
+    body = {"messages": MESSAGES} if "chat" in route else {"prompt": "Hello"}
+    r = http.post(route, json={**body, "max_tokens": 2, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+    assert "not implemented" in err["message"] or "unknown field" in err["message"], err
+
+
+def test_tokenize_matches_what_generation_runs(http):
+    text = "Hello, w\u00f6rld \U0001f600!"
+    r = http.post("/tokenize", json={"prompt": text})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["tokens"] == TOK.encode(text, add_bos=True) and out["count"] == len(out["tokens"])
+    assert out["max_model_len"] == MAX_MODEL_LEN and "token_strs" not in out
+    done = http.post("/v1/completions", json={"prompt": text, "max_tokens": 1}).json()
+    assert done["usage"]["prompt_tokens"] == out["count"]
+    bare = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False,
+                                        "return_token_strs": True}).json()
+    assert bare["tokens"] == TOK.encode(text) and len(bare["token_strs"]) == bare["count"]
+    assert bare["token_strs"][:2] == ["H", "e"]
+    chat = http.post("/tokenize", json={"messages": MESSAGES, "model": "alias"}).json()
+    assert chat["tokens"] == TOK.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    done = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1}).json()
+    assert done["usage"]["prompt_tokens"] == chat["count"]
+    back = http.post("/detokenize", json={"tokens": bare["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": text}
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/tokenize", {"prompt": 5}, "prompt"),
+    ("/tokenize", {}, "prompt"),
+    ("/tokenize", [], None),
+    ("/tokenize", {"prompt": "a", "lowercase": True}, "lowercase"),
+    ("/tokenize", {"messages": []}, "messages"),
+    ("/tokenize", {"messages": MESSAGES, "add_generation_prompt": False},
+     "add_generation_prompt"),
+    ("/detokenize", {"tokens": [1, -1]}, "tokens"),
+    ("/detokenize", {"tokens": [1, 10**6]}, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, "tokens"),
+])
+def test_tokenize_bad_requests(http, route, body, param):
+    r = http.post(route, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
+
+
+def test_tokenize_unknown_model_is_404(http):
+    r = http.post("/tokenize", json={"prompt": "a", "model": "nope"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
 
 
 # -- errors --------------------------------------------------------------------------------

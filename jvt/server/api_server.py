@@ -11,7 +11,7 @@ import signal
 
 import uvicorn
 from fastapi import FastAPI
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, RootModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -35,13 +35,18 @@ from jvt.server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from jvt.server.serving import ServingContext
 from jvt.server.serving_chat import ChatServing
 from jvt.server.serving_completion import CompletionServing
+from jvt.server.serving_tokenize import TokenizeServing
 
 log = logging.getLogger("jvt.server")
 
@@ -83,7 +88,7 @@ def create_app(bridge: EngineBridge, *, served_names: list[str], root: str,
     """
     app = FastAPI(title="jvt", version=jvt.__version__)
     ctx = ServingContext(bridge, served_names, root)
-    completions, chat = CompletionServing(ctx), ChatServing(ctx)
+    completions, chat, tokens = CompletionServing(ctx), ChatServing(ctx), TokenizeServing(ctx)
     _install_error_handlers(app)
     app.add_middleware(RequestGuard, api_key=api_key, max_request_bytes=max_request_bytes,
                        body_timeout_s=body_timeout_s)
@@ -124,6 +129,20 @@ def create_app(bridge: EngineBridge, *, served_names: list[str], root: str,
     async def create_chat_completion(raw: Request) -> Response:
         return await chat.create(await _parse(raw, ChatCompletionRequest), raw)
 
+    @app.post("/tokenize", response_model=TokenizeResponse, openapi_extra=_body(TokenizeRequest),
+              responses=_errors(400, 401, 404, 408, 413))
+    async def tokenize(raw: Request) -> Response:
+        """The token ids of a prompt or of chat messages (vLLM's /tokenize)."""
+        out = await tokens.tokenize(await _parse(raw, TokenizeRequest))
+        return Response(out.model_dump_json(), media_type="application/json")
+
+    @app.post("/detokenize", response_model=DetokenizeResponse,
+              openapi_extra=_body(DetokenizeRequest), responses=_errors(400, 401, 404, 408, 413))
+    async def detokenize(raw: Request) -> Response:
+        """The text of token ids (vLLM's /detokenize; special tokens skipped)."""
+        out = await tokens.detokenize(await _parse(raw, DetokenizeRequest))
+        return Response(out.model_dump_json(), media_type="application/json")
+
     @app.get("/engine/stats", responses=_errors(401, 500))
     async def engine_stats() -> dict:
         """engine.stats() now (debug: KV chunks, slots, queue lengths)."""
@@ -140,7 +159,7 @@ def create_app(bridge: EngineBridge, *, served_names: list[str], root: str,
     return app
 
 
-REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest)
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
 
 
 def _body(model: type[BaseModel]) -> dict:
@@ -164,11 +183,13 @@ async def _parse(raw: Request, model: type[BaseModel]):
 def _validate(body: bytes, model: type[BaseModel]):
     """Parsed and validated in one pass. The one-pass parser refuses lone surrogates (and NaN /
     Infinity) as invalid JSON, so invalid JSON is parsed once more by the standard library's
-    parser, which takes them, to name the field that holds one."""
+    parser, which takes them, to name the field that holds one. A RootModel is a tagged union
+    of request forms: its errors' locations start with the tag, which names no field."""
+    tagged = issubclass(model, RootModel)
     try:
         return model.model_validate_json(body)
     except ValidationError as e:  # keep only the message: ``e`` holds the whole body
-        message, param, kind = _validation_error(e)
+        message, param, kind = _validation_error(e, tagged)
     if kind == "json_invalid":
         try:
             data = json.loads(body)
@@ -178,23 +199,29 @@ def _validate(body: bytes, model: type[BaseModel]):
             try:
                 return model.model_validate(data)
             except ValidationError as e:
-                message, param, _ = _validation_error(e)
+                message, param, _ = _validation_error(e, tagged)
     raise APIError(400, message, param)
 
 
-def _validation_error(e: ValidationError) -> tuple[str, str | None, str | None]:
-    """(message, the top-level field at fault, the first error's type) of a pydantic error."""
+def _validation_error(e: ValidationError, tagged: bool = False
+                      ) -> tuple[str, str | None, str | None]:
+    """(message, the top-level field at fault, the first error's type) of a pydantic error;
+    tagged: the locations start with a union tag (dropped)."""
     errors = e.errors(include_input=False, include_url=False)
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": None}
     # A union reports one error per alternative; the telling one is from an alternative whose
     # type matched ("stop": ["x\udc00"] is a list with a bad string, not "not a string").
     same_field = [x for x in errors if x["loc"][:1] == first["loc"][:1]]
     first = next((x for x in same_field if not x["type"].endswith("_type")), first)
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and "[" not in str(p)]
+    loc = [str(p) for p in first.get("loc", ())[int(tagged):] if "[" not in str(p)]
     if first.get("type") == "json_invalid":  # loc is a position in the body, not a field
         loc = []
     where = ".".join(loc)
-    message = f"{where}: {first['msg']}" if where else first["msg"]
+    text = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our validators
+    if first.get("type") == "extra_forbidden":
+        text = "unknown field: this server refuses fields it does not implement rather than " \
+               "ignore them (docs/server.md lists the accepted fields)"
+    message = f"{where}: {text}" if where else text
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error(s))"
     return message, (loc[0] if loc else None), first.get("type")

@@ -3,8 +3,11 @@
 This module is the only place where field names, defaults and ranges live (the published
 OpenAPI schema shows them). Requests are validated strictly (no string-to-number coercion):
 integers within what the step's int32 arrays hold, floats finite, strings valid Unicode (no
-lone surrogates). Unknown fields are ignored, as OpenAI clients send fields this server does
-not implement (``user``, ``presence_penalty``, ...). ``jvt.SamplingParams`` checks the
+lone surrogates). Nothing is silently ignored: an unknown field is a 400 naming it, and a
+field of OpenAI's or vLLM's API that this server does not implement is accepted only with its
+no-effect value (``presence_penalty: 0``, ``logit_bias: {}``, ``tools: []``, ...; see
+``_inert``), a 400 naming it otherwise. Fields that change nothing about the output (``user``,
+``metadata``, ``store``, ``service_tier``) are accepted. ``jvt.SamplingParams`` checks the
 sampling ranges once more.
 """
 
@@ -19,7 +22,10 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    RootModel,
     Tag,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -41,12 +47,25 @@ def _valid_unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]  # every string of a request
+
+
+def _inert(*allowed):
+    """A field this server does not implement: None or one of the ``allowed`` values (those
+    that change nothing) is accepted, anything else is a 400 naming the field."""
+    shown = " or ".join(repr(a) for a in allowed)
+
+    def check(value):
+        if value is not None and value not in allowed:
+            raise ValueError(f"not implemented by this server: only {shown} (no effect) is "
+                             f"accepted, got {value!r}")
+        return value
+    return AfterValidator(check)
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Count = Annotated[int, Field(ge=1, le=INT32_MAX)]  # max_tokens and its aliases
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Request):
@@ -68,6 +87,18 @@ class _SamplingRequest(_Request):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Accepted, changing nothing about the output.
+    user: Text | None = None
+    metadata: dict[Text, Text] | None = None
+    store: bool | None = None
+    service_tier: Text | None = None
+    # Not implemented: accepted only with their no-effect values.
+    presence_penalty: Annotated[float | None, _inert(0.0)] = None
+    frequency_penalty: Annotated[float | None, _inert(0.0)] = None
+    repetition_penalty: Annotated[float | None, _inert(1.0)] = None
+    logit_bias: Annotated[dict[Text, float] | None, _inert({})] = None
+    min_tokens: Annotated[int | None, _inert(0)] = None
+    response_format: Annotated[dict[Text, Text] | None, _inert({"type": "text"})] = None
 
     @property
     def include_usage(self) -> bool:
@@ -118,12 +149,24 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: Count | None = DEFAULT_COMPLETION_MAX_TOKENS  # null: up to max_model_len
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top alternatives per token
     echo: bool = False  # prepend the prompt to the returned text
+    suffix: Annotated[Text | None, _inert("")] = None
+    best_of: int | None = None  # only best_of == n (no effect)
+    prompt_logprobs: Annotated[int | None, _inert()] = None  # vLLM's; not implemented
 
     @model_validator(mode="after")
     def _echo_without_logprobs(self):
         if self.echo and self.logprobs is not None:
             raise ValueError("echo with logprobs is not supported (no prompt logprobs)")
         return self
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo):
+        n = info.data.get("n", 1)
+        if value is not None and value != n:
+            raise ValueError(f"not implemented by this server: only best_of == n ({n}, no "
+                             f"effect) is accepted, got {value}")
+        return value
 
     def count(self) -> int:
         """Engine requests this asks for (prompts x n), without building anything."""
@@ -166,6 +209,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: Count | None = None  # neither: what is left of max_model_len
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Annotated[list[dict] | None, _inert([])] = None
+    tool_choice: Annotated[Text | dict | None, _inert("none", "auto")] = None
+    parallel_tool_calls: bool | None = None  # only meaningful with tools
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self):
@@ -178,6 +224,42 @@ class ChatCompletionRequest(_SamplingRequest):
                            if m is not None), max_model_len)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs)
+
+
+def _tokenize_form(value) -> str:
+    return "chat" if isinstance(value, dict) and "messages" in value else "prompt"
+
+
+class TokenizeCompletionRequest(_Request):
+    """POST /tokenize with a prompt (vLLM's shape)."""
+
+    model: Text | None = None
+    prompt: Text
+    add_special_tokens: bool = True  # the tokenizer's BOS rule, as for /v1/completions
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Request):
+    """POST /tokenize with chat messages: the ids /v1/chat/completions would run."""
+
+    model: Text | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: Annotated[bool, _inert(True)] = True
+    continue_final_message: Annotated[bool, _inert(False)] = False
+    add_special_tokens: Annotated[bool, _inert(False)] = False  # the template writes its own
+    return_token_strs: bool = False
+
+
+class TokenizeRequest(RootModel):
+    root: Annotated[Annotated[TokenizeCompletionRequest, Tag("prompt")]
+                    | Annotated[TokenizeChatRequest, Tag("chat")], Discriminator(_tokenize_form)]
+
+
+class DetokenizeRequest(_Request):
+    """POST /detokenize (vLLM's shape)."""
+
+    model: Text | None = None
+    tokens: list[TokenId]
 
 
 # -- responses ---------------------------------------------------------------------------
@@ -306,3 +388,14 @@ class ErrorInfo(_Response):
 
 class ErrorResponse(_Response):
     error: ErrorInfo
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = _omitted_if_none()  # each token decoded on its own
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
