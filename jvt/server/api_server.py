@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import pathlib
 import signal
 
 import uvicorn
@@ -24,6 +25,7 @@ from jvt.server.limits import (
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_REQUEST_BYTES,
     OPEN_PATHS,
+    UI_PATHS,
     RequestGuard,
     json_error,
     timed_h11,
@@ -78,20 +80,25 @@ GENERATE_ERRORS = (400, 401, 404, 408, 413, 500, 503)
 def create_app(bridge: EngineBridge, *, served_names: list[str], root: str,
                metrics: ServerMetrics, api_key: str | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, ui: bool = True) -> FastAPI:
     """The app in front of a started ``bridge``.
 
     served_names: model names requests may give (the first is the default); root: what
     --model named; api_key: when set, every route but OPEN_PATHS (/health, /version,
     /metrics) needs ``Authorization: Bearer <api_key>``, /docs and /openapi.json included;
-    max_request_bytes, body_timeout_s: see ``limits.RequestGuard``.
+    max_request_bytes, body_timeout_s: see ``limits.RequestGuard``; ui: serve the chat page
+    (``ui/``) at / (without the key: it holds no data, and calls the API with the key the user
+    enters).
     """
     app = FastAPI(title="jvt", version=jvt.__version__)
     ctx = ServingContext(bridge, served_names, root)
     completions, chat, tokens = CompletionServing(ctx), ChatServing(ctx), TokenizeServing(ctx)
     _install_error_handlers(app)
     app.add_middleware(RequestGuard, api_key=api_key, max_request_bytes=max_request_bytes,
-                       body_timeout_s=body_timeout_s)
+                       body_timeout_s=body_timeout_s,
+                       open_paths=OPEN_PATHS | UI_PATHS if ui else OPEN_PATHS)
+    if ui:
+        _add_ui(app)
 
     @app.get("/health", response_class=Response,
              responses={200: {"description": "the engine is running (empty body)"},
@@ -157,6 +164,31 @@ def create_app(bridge: EngineBridge, *, served_names: list[str], root: str,
 
     app.openapi = lambda: _openapi(app, secured=api_key is not None)
     return app
+
+
+UI_DIR = pathlib.Path(__file__).parent / "ui"
+UI_TYPES = {"index.html": "text/html; charset=utf-8",
+            "app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
+            "icon.svg": "image/svg+xml"}
+# Only this origin's files and API: no inline script, no external fetch, no framing.
+UI_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+             "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _add_ui(app: FastAPI) -> None:
+    """GET / (the page) and /ui/<its files>, read once, with a strict CSP."""
+    files = {name: (UI_DIR / name).read_bytes() for name in UI_TYPES}
+    headers = {"Content-Security-Policy": UI_POLICY, "X-Content-Type-Options": "nosniff",
+               "Cache-Control": "no-cache"}
+
+    def route(path: str, name: str) -> None:
+        async def page() -> Response:
+            return Response(files[name], media_type=UI_TYPES[name], headers=headers)
+        app.add_api_route(path, page, methods=["GET"], include_in_schema=False)
+
+    route("/", "index.html")
+    for name in UI_TYPES.keys() - {"index.html"}:
+        route(f"/ui/{name}", name)
 
 
 REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)

@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
                         help="seconds a client has to send a request's body after its headers "
                              f"(default {DEFAULT_BODY_TIMEOUT_S:g}); then 408")
+    parser.add_argument("--no-ui", dest="ui", action="store_false",
+                        help="do not serve the chat page at / (served by default)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
     add_engine_arguments(parser)
@@ -137,13 +139,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.getLogger("jvt.server").info(
+    log = logging.getLogger("jvt.server")
+    log.info(
         "engine ready in %.1f s (%s, max_model_len %d, %d slots, up to %d unfinished requests)",
         time.perf_counter() - t0, args.model, bridge.config.max_model_len,
         bridge.config.max_num_seqs, bridge.max_pending)
     app = create_app(bridge, served_names=names, root=args.model, metrics=metrics,
                      api_key=args.api_key, max_request_bytes=args.max_request_bytes,
-                     body_timeout_s=args.body_timeout)
+                     body_timeout_s=args.body_timeout, ui=args.ui)
+    if args.ui:
+        log.info("chat page: http://%s:%d/", args.host, args.port)
     try:
         serve(app, bridge, host=args.host, port=args.port, log_level=args.log_level,
               header_timeout_s=args.header_timeout)

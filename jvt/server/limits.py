@@ -19,6 +19,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from jvt.server.errors import error_body
 
 OPEN_PATHS = frozenset({"/health", "/version", "/metrics"})  # reachable without the API key
+UI_PATHS = frozenset({"/", "/ui/app.js", "/ui/style.css", "/ui/icon.svg"})  # the chat page: no key, no data
 DEFAULT_MAX_REQUEST_BYTES = 2**20
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_BODY_TIMEOUT_S = 30.0
@@ -35,15 +36,16 @@ def json_error(status: int, message: str, param: str | None = None,
 
 
 class RequestGuard:
-    """ASGI middleware: 401 without the key (paths outside OPEN_PATHS; checked on the headers,
+    """ASGI middleware: 401 without the key (paths outside ``open_paths``; checked on the headers,
     the body is never read), 413 for a body over ``max_request_bytes`` (from Content-Length
     at once, else while reading), 408 when the body has not fully arrived ``body_timeout_s``
     after the headers. These answers close the connection. The app receives the body read
     here, then the connection's own events (a disconnect)."""
 
     def __init__(self, app, *, api_key: str | None, max_request_bytes: int,
-                 body_timeout_s: float):
+                 body_timeout_s: float, open_paths: frozenset[str] = OPEN_PATHS):
         self.app = app
+        self.open_paths = open_paths
         self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.max_request_bytes = max_request_bytes
         self.body_timeout_s = body_timeout_s
@@ -53,7 +55,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if (self.expected is not None and scope["path"] not in OPEN_PATHS
+        if (self.expected is not None and scope["path"] not in self.open_paths
                 and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected)):
             await _refuse(send, 401, "invalid or missing API key (Authorization: Bearer <key>)")
             return
