@@ -200,6 +200,25 @@ def test_html_in_messages_and_replies_is_shown_as_text(server, browser):
     assert browser.execute_script("return window.__pwned") is None
 
 
+def test_bad_request_shown_and_shift_enter_is_a_new_line(server, browser):
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(browser, server.url)
+    set_value(browser, "max-tokens", "100000")  # more than the context leaves: a 400
+    box = by_id(browser, "input")
+    box.send_keys("first line")
+    box.send_keys(Keys.SHIFT, Keys.ENTER)
+    box.send_keys("second line")
+    assert box.get_attribute("value") == "first line\nsecond line"
+    assert browser.find_elements("css selector", ".message") == []  # nothing sent yet
+    box.send_keys(Keys.ENTER)
+    wait(browser, lambda d: by_id(d, "error").is_displayed(), what="the error")
+    error = by_id(browser, "error").text
+    assert error.startswith("Error 400:") and "max_tokens" in error, error
+    assert replies(browser) == []  # a failed request leaves no empty reply behind
+    assert by_id(browser, "input").get_attribute("value") == "first line\nsecond line"
+
+
 def test_api_key_field(browser):
     s = RemoteServer(SERVER_ARGS, api_key=API_KEY)
     try:

@@ -293,7 +293,10 @@ async function send() {
     }
     if (stopped) parts.push("stopped");
     reply.stats = parts.join(" · ");
-    if (!reply.content && !stopped) conv.messages.splice(-2, 2); // failed: nothing to keep
+    if (!reply.content && !stopped) { // failed: the message goes back to the input box
+      conv.messages.splice(-2, 2);
+      $("input").value = text;
+    }
     running = null;
     setRunning(false);
     save();
