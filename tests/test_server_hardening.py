@@ -51,6 +51,19 @@ def http(server):
         yield c
 
 
+@pytest.fixture(autouse=True)
+def health_timed(request):
+    """Every test on the shared server runs with /health polled on its own connection: each
+    answer a 200 within HEALTH_LIMIT_S, whatever the test's hostile requests are doing."""
+    if "server" not in request.fixturenames:
+        yield
+        return
+    with HealthProbe(request.getfixturevalue("server").url) as probe:
+        yield
+    assert probe.codes == {200}
+    assert probe.worst < HEALTH_LIMIT_S, sorted(probe.times)[-5:]
+
+
 def post_raw(http: httpx.Client, route: str, body: bytes) -> httpx.Response:
     return http.post(route, content=body, headers={"content-type": "application/json"})
 
