@@ -140,7 +140,7 @@ def maximal_text_body(field: str = "prompt") -> bytes:
 
 # -- fuzzing against the published schema --------------------------------------------------
 
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(server):
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, tmp_path):
     """Every operation, a few hundred cases each (fixed seed), positive and negative data:
     no 5xx, status codes, content types, headers and bodies as the schema says. (Schema-valid
     requests the server still refuses, e.g. max_tokens beyond the context left, are 400s by
@@ -151,7 +151,8 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(server):
            "--max-examples", "150", "--seed", "20261206", "--checks", "all",
            "--exclude-checks", "positive_data_acceptance", "--continue-on-failure",
            "--request-timeout", "30", "--workers", "1"]
-    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900,
+                         cwd=tmp_path)  # its cache directory goes there, not into the checkout
     assert run.returncode == 0, run.stdout[-15000:] + run.stderr[-3000:]
     assert "No issues found" in run.stdout, run.stdout[-5000:]
     assert_healthy(server)

@@ -19,7 +19,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from jvt.server.errors import error_body
 
 OPEN_PATHS = frozenset({"/health", "/version", "/metrics"})  # reachable without the API key
-UI_PATHS = frozenset({"/", "/ui/app.js", "/ui/style.css", "/ui/icon.svg"})  # the chat page: no key, no data
 DEFAULT_MAX_REQUEST_BYTES = 2**20
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_BODY_TIMEOUT_S = 30.0
