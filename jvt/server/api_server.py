@@ -45,7 +45,7 @@ from jvt.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from jvt.server.serving import ServingContext
+from jvt.server.serving import ServingContext, json_response
 from jvt.server.serving_chat import ChatServing
 from jvt.server.serving_completion import CompletionServing
 from jvt.server.serving_tokenize import TokenizeServing
@@ -122,7 +122,7 @@ def create_app(bridge: EngineBridge, *, served_names: list[str], root: str,
     async def models() -> Response:
         cards = [ModelCard(id=name, root=root, max_model_len=ctx.max_model_len)
                  for name in served_names]
-        return Response(ModelList(data=cards).model_dump_json(), media_type="application/json")
+        return json_response(ModelList(data=cards))
 
     @app.post("/v1/completions", response_model=CompletionResponse,
               openapi_extra=_body(CompletionRequest),
@@ -141,14 +141,14 @@ def create_app(bridge: EngineBridge, *, served_names: list[str], root: str,
     async def tokenize(raw: Request) -> Response:
         """The token ids of a prompt or of chat messages (vLLM's /tokenize)."""
         out = await tokens.tokenize(await _parse(raw, TokenizeRequest))
-        return Response(out.model_dump_json(), media_type="application/json")
+        return json_response(out)
 
     @app.post("/detokenize", response_model=DetokenizeResponse,
               openapi_extra=_body(DetokenizeRequest), responses=_errors(400, 401, 404, 408, 413))
     async def detokenize(raw: Request) -> Response:
         """The text of token ids (vLLM's /detokenize; special tokens skipped)."""
         out = await tokens.detokenize(await _parse(raw, DetokenizeRequest))
-        return Response(out.model_dump_json(), media_type="application/json")
+        return json_response(out)
 
     @app.get("/engine/stats", responses=_errors(401, 500))
     async def engine_stats() -> dict:

@@ -60,6 +60,8 @@ def _inert(*allowed):
                              f"accepted, got {value!r}")
         return value
     return AfterValidator(check)
+
+
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Count = Annotated[int, Field(ge=1, le=INT32_MAX)]  # max_tokens and its aliases
 
@@ -199,6 +201,10 @@ class ChatMessage(_Request):
         if isinstance(self.content, list):
             return "\n".join(part.text for part in self.content)
         return self.content or ""
+
+    def as_template(self) -> dict:
+        """The message as the chat template takes it."""
+        return {"role": self.role, "content": self.text()}
 
 
 class ChatCompletionRequest(_SamplingRequest):

@@ -11,9 +11,10 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 
+from jinja2 import TemplateError
 from pydantic import BaseModel
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from jvt.server.bridge import (
     EngineBridge,
@@ -179,9 +180,13 @@ class ServingContext:
                                                 for t in texts])
 
     async def chat_ids(self, messages: list[dict]) -> list[int]:
-        """The chat template rendered and tokenized, on a worker thread."""
-        return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages,
-                                       add_generation_prompt=True)
+        """The chat template rendered and tokenized, on a worker thread; a conversation the
+        template refuses is a 400 (param messages)."""
+        try:
+            return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages,
+                                           add_generation_prompt=True)
+        except (ValueError, TemplateError) as e:
+            raise APIError(400, f"messages: {e}", "messages") from None
 
     def check_room(self, ids: list[int], max_tokens: int | None, name: str, prompt_field: str,
                    field: str) -> None:
@@ -231,6 +236,11 @@ class ServingContext:
         if error is not None:
             raise APIError(500, str(error)) from None
         return Generation(self.bridge, sub)
+
+
+def json_response(body: BaseModel) -> Response:
+    """``body`` as an application/json response (pydantic's serializer, not FastAPI's)."""
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def sse(payload: BaseModel) -> str:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import time
 import uuid
 
-from jinja2 import TemplateError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from jvt.server.bridge import EngineDeadError, RequestFailedError
-from jvt.server.errors import APIError, bad_sampling_params
+from jvt.server.errors import bad_sampling_params
 from jvt.server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -30,6 +29,7 @@ from jvt.server.serving import (
     EventStream,
     Generation,
     ServingContext,
+    json_response,
     sse,
     sse_error,
     usage,
@@ -45,17 +45,14 @@ class ChatServing:
         ctx = self.ctx
         model = ctx.model_name(req.model)
         ctx.check_count(req.n)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [m.as_template() for m in req.messages]
         ctx.check_text_bytes(sum(len(m["content"].encode()) for m in messages), "messages",
                              "messages")
         try:
             params = req.sampling_params(ctx.max_model_len)
         except ValueError as e:
             raise bad_sampling_params(e, {"logprobs": "top_logprobs"}) from None
-        try:
-            ids = await ctx.chat_ids(messages)
-        except (ValueError, TemplateError) as e:
-            raise APIError(400, f"messages: {e}", "messages") from None
+        ids = await ctx.chat_ids(messages)
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         ctx.check_room(ids, req.max_completion_tokens if req.max_completion_tokens is not None
                        else req.max_tokens, "messages", "messages", field)
@@ -71,7 +68,7 @@ class ChatServing:
                               finish_reason=out.finish_reason)
                    for i, out in enumerate(outs)]
         body = ChatCompletionResponse(**head, choices=choices, usage=usage(outs, req.n))
-        return Response(body.model_dump_json(), media_type="application/json")
+        return json_response(body)
 
     async def _stream(self, gen: Generation, head: dict, n: int, include_usage: bool):
         started = [False] * n

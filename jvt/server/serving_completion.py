@@ -22,6 +22,7 @@ from jvt.server.serving import (
     EventStream,
     Generation,
     ServingContext,
+    json_response,
     sse,
     sse_error,
     usage,
@@ -73,7 +74,7 @@ class CompletionServing:
             choices.append(CompletionChoice(index=i, text=prefix + out.text, logprobs=lp,
                                             finish_reason=out.finish_reason))
         body = CompletionResponse(**head, choices=choices, usage=usage(outs, n))
-        return Response(body.model_dump_json(), media_type="application/json")
+        return json_response(body)
 
     async def _stream(self, gen: Generation, head: dict, echo: list[str], n: int,
                       include_usage: bool):

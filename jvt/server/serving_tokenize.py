@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-from jinja2 import TemplateError
-
 from jvt.server.errors import APIError
 from jvt.server.protocol import (
     DetokenizeRequest,
@@ -28,11 +26,7 @@ class TokenizeServing:
         ctx.model_name(form.model)
         tok = ctx.tokenizer
         if isinstance(form, TokenizeChatRequest):
-            try:
-                ids = await ctx.chat_ids([{"role": m.role, "content": m.text()}
-                                          for m in form.messages])
-            except (ValueError, TemplateError) as e:
-                raise APIError(400, f"messages: {e}", "messages") from None
+            ids = await ctx.chat_ids([m.as_template() for m in form.messages])
         else:
             add_bos = form.add_special_tokens and tok.add_bos
             ids = await asyncio.to_thread(tok.encode, form.prompt, add_bos=add_bos)
