@@ -46,3 +46,54 @@ class IncrementalDetokenizer:
     def _decode(self, tokens: list[int]) -> tuple[str, str]:
         return (self.tokenizer.decode(tokens[self.prefix:self.read]),
                 self.tokenizer.decode(tokens[self.prefix:]))
+
+
+class OutputText:
+    """The output text of one request as its tokens arrive: incremental detokenization, stop
+    strings, and what a stream may show yet. Used by the engine, and by the server's API
+    process when the engine runs in a process of its own.
+
+    Args:
+      tokenizer: anything with ``decode(ids) -> str``.
+      start: the prompt's length (tokens[start:] are the output).
+      stop: strings that end the output (it is trimmed before the first match).
+    """
+
+    def __init__(self, tokenizer, start: int, stop: tuple[str, ...]):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, start)
+        self.stop = stop
+        self.hold = max((len(s) - 1 for s in stop), default=0)  # may still become a stop
+        self.text = ""  # the settled output text (trimmed at a stop string once matched)
+        self.streamed = 0  # characters already handed out by take()
+
+    def add(self, tokens: list[int]) -> bool:
+        """Take the token just appended to ``tokens``; True when the output now holds a stop
+        string (the text is then trimmed before it and final)."""
+        before = len(self.text)
+        self.text += self.detokenizer.step(tokens)
+        shown = self.text + self.detokenizer.pending  # the full decode of the output so far
+        for stop in self.stop:
+            # The new token may also complete a character held as U+FFFD: look a bit back.
+            at = shown.find(stop, max(0, before - len(stop) - 4))
+            if at >= 0:
+                self.text = shown[:at]
+                return True
+        return False
+
+    def finish(self, tokens: list[int]) -> None:
+        """The output ended for another reason than a stop string: settle the rest."""
+        self.text += self.detokenizer.flush(tokens)
+
+    def take(self, finished: bool) -> str:
+        """The text since the previous take. Until ``finished``, what may still turn into a
+        stop string or complete a UTF-8 character is held back."""
+        shown = self.text if finished else self.text + self.detokenizer.pending
+        end = len(shown)
+        if not finished:
+            end -= self.hold
+            while end > self.streamed and shown[end - 1] == "\ufffd":
+                end -= 1
+        if end <= self.streamed:
+            return ""
+        text, self.streamed = shown[self.streamed:end], end
+        return text

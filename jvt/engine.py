@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from jvt import memory, models, parallel
 from jvt.config import make_config
-from jvt.detokenize import IncrementalDetokenizer
+from jvt.detokenize import OutputText
 from jvt.models.loader import quantizable
 from jvt.platform import enable_compilation_cache, jax_devices
 from jvt.runner import EntryError, Runner
@@ -47,10 +47,10 @@ class Request:
         self.seq = seq
         self.prompt = prompt
         self.metrics = metrics
-        self.text = ""  # the output text (trimmed at a stop string once matched)
-        self.detokenizer = IncrementalDetokenizer(tokenizer, seq.num_prompt)
+        # The output text (None when the params turn detokenizing off: token ids only).
+        self.out_text = OutputText(tokenizer, seq.num_prompt, seq.params.stop) \
+            if seq.params.detokenize else None
         self.logprobs: list[Logprob] | None = [] if seq.params.logprobs is not None else None
-        self.streamed_text = 0  # characters of text already given to a stream
         self.streamed_tokens = 0
         self.stream_done = False  # the final delta was given
         self.error: str | None = None  # why the engine failed this request (finish "error")
@@ -62,6 +62,15 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.seq.status is Status.FINISHED
+
+    @property
+    def text(self) -> str:
+        return "" if self.out_text is None else self.out_text.text
+
+    def settle_text(self) -> None:
+        """The request ended (not at a stop string): the rest of its text is final."""
+        if self.out_text is not None:
+            self.out_text.finish(self.seq.tokens)
 
     def output(self) -> RequestOutput:
         seq = self.seq
@@ -258,7 +267,7 @@ class Engine:
         if req is None or req.finished:
             return False
         self.scheduler.finish(req.seq, "abort")
-        req.text += req.detokenizer.flush(req.seq.tokens)
+        req.settle_text()
         req.metrics.finished_time = time.perf_counter()
         del self._requests[request_id]
         return True
@@ -405,15 +414,8 @@ class Engine:
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
         seq, params = req.seq, req.seq.params
-        before = len(req.text)
-        req.text += req.detokenizer.step(seq.tokens)
-        shown = req.text + req.detokenizer.pending  # the full decode of the output so far
-        for stop in params.stop:
-            # The new token may also complete a character held as U+FFFD: look a bit back.
-            at = shown.find(stop, max(0, before - len(stop) - 4))
-            if at >= 0:
-                req.text = shown[:at]
-                return "stop"
+        if req.out_text is not None and req.out_text.add(seq.tokens):
+            return "stop"
         reason = None
         if token in params.stop_token_ids or (
                 not params.ignore_eos and token in self.tokenizer.eos_ids):
@@ -421,7 +423,7 @@ class Engine:
         elif seq.num_output >= params.max_tokens or len(seq.tokens) >= self.config.max_model_len:
             reason = "length"
         if reason is not None:
-            req.text += req.detokenizer.flush(seq.tokens)
+            req.settle_text()
         return reason
 
     def take_delta(self, req: Request) -> StreamDelta | None:
@@ -435,21 +437,13 @@ class Engine:
         if req.stream_done:
             return None
         tokens = req.seq.tokens[req.seq.num_prompt + req.streamed_tokens:]
-        shown = req.text if req.finished else req.text + req.detokenizer.pending
-        end = len(shown)
-        if not req.finished:
-            # Hold back what may still turn into a stop string or complete a UTF-8 character.
-            end -= max((len(s) - 1 for s in req.seq.params.stop), default=0)
-            while end > req.streamed_text and shown[end - 1] == "\ufffd":
-                end -= 1
-        text = shown[req.streamed_text:end] if end > req.streamed_text else ""
+        text = "" if req.out_text is None else req.out_text.take(req.finished)
         if not req.finished and not tokens and not text:
             return None
         logprobs = None
         if req.logprobs is not None:
             logprobs = req.logprobs[req.streamed_tokens:req.streamed_tokens + len(tokens)]
         req.streamed_tokens += len(tokens)
-        req.streamed_text += len(text)
         req.stream_done = req.finished
         return StreamDelta(req.seq.request_id, text, tokens, req.seq.finish_reason, logprobs)
 

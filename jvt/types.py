@@ -40,7 +40,9 @@ class SamplingParams:
     them); stop_token_ids and (unless ignore_eos) the model's EOS ids end it after that token.
     seed makes sampling reproducible whatever else is in the batch (None: derived from the
     engine seed and the request number). logprobs: None, or how many top log-probabilities
-    (0..MAX_LOGPROBS) to return per token besides the chosen token's own.
+    (0..MAX_LOGPROBS) to return per token besides the chosen token's own. detokenize False
+    leaves the output text empty (token ids only, as vLLM's; stop strings need the text):
+    the server's engine process runs so, its API process detokenizes.
     """
 
     temperature: float = 1.0
@@ -53,6 +55,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    detokenize: bool = True
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -75,6 +78,11 @@ class SamplingParams:
             _check_int("seed", self.seed, lo=0, hi=2**32 - 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
+        if not isinstance(self.detokenize, bool):
+            raise ValueError(f"SamplingParams.detokenize must be a bool, got {self.detokenize!r}")
+        if self.stop and not self.detokenize:
+            raise ValueError("SamplingParams.stop needs the output text: stop strings and "
+                             "detokenize=False cannot go together")
 
     @property
     def greedy(self) -> bool:

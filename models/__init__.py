@@ -11,11 +11,18 @@ presets, loading (Hugging Face safetensors, GGUF), tokenizers.
 from jvt.models import llama
 from jvt.models.config import ModelConfig
 from jvt.models.llama import Llama, init_module
-from jvt.models.loader import Model, load, locate_real_model, read_config, save_hf_checkpoint
+from jvt.models.loader import (
+    Model,
+    load,
+    load_tokenizer,
+    locate_real_model,
+    read_config,
+    save_hf_checkpoint,
+)
 from jvt.models.presets import DEFAULT_MODEL, PRESETS, REAL_MODELS, preset_config
 from jvt.models.tokenizer import ByteTokenizer, GGUFTokenizer, HFTokenizer, Tokenizer
 
 __all__ = ["DEFAULT_MODEL", "PRESETS", "REAL_MODELS", "ByteTokenizer", "GGUFTokenizer",
            "HFTokenizer", "Llama",
-           "Model", "ModelConfig", "Tokenizer", "init_module", "llama", "load",
+           "Model", "ModelConfig", "Tokenizer", "init_module", "llama", "load", "load_tokenizer",
            "locate_real_model", "preset_config", "read_config", "save_hf_checkpoint"]

@@ -125,6 +125,22 @@ def read_config(model: str | os.PathLike, dtype: str | None = None,
     return _with_dtype(read_hf_config(model), dtype)
 
 
+def load_tokenizer(model: str | os.PathLike) -> Tokenizer:
+    """The tokenizer `load(model)` gives, without reading any weights (the server's API
+    process tokenizes and detokenizes with it while the engine process loads the model)."""
+    model = os.fspath(model)
+    if model in PRESETS:
+        return ByteTokenizer()
+    if model in REAL_MODELS:
+        model = locate_real_model(model)
+    config = read_config(model)
+    if os.path.isfile(model):
+        from jvt.models.tokenizer import GGUFTokenizer
+
+        return GGUFTokenizer(model, extra_eos=config.eos_ids)
+    return _hf_tokenizer(model, config)
+
+
 def quantizable(model: str | os.PathLike) -> bool:
     """Whether `load(model, weights="quantized")` can keep the model's weights quantized: a
     GGUF file (or real model) whose projections are all stored in one of Q4_0, Q4_1, Q8_0.

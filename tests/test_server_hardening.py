@@ -487,12 +487,13 @@ def test_server_faults_fail_one_request_and_the_server_goes_on(monkeypatch):
     """Through the HTTP layer (in process, the real engine): a request the engine cannot
     pack, one it fails to post-process and one it fails to admit each get a 500 (or an error
     event in a stream); /health stays 200 and the next request is answered."""
+    from jvt.engine import Engine
     from jvt.sampling import SamplingArrays
     from jvt.server.api_server import create_app
     from jvt.server.bridge import EngineBridge
     from jvt.server.metrics import ServerMetrics
 
-    real_set_row, real_add = SamplingArrays.set_row, jvt.engine.Engine.add_request
+    real_set_row, real_add = SamplingArrays.set_row, Engine.add_request
 
     def set_row(self, i, params, seed, counter):
         if params.top_k == 777:
@@ -505,7 +506,7 @@ def test_server_faults_fail_one_request_and_the_server_goes_on(monkeypatch):
         return real_add(self, prompt, params)
 
     monkeypatch.setattr(SamplingArrays, "set_row", set_row)
-    monkeypatch.setattr(jvt.engine.Engine, "add_request", add_request)
+    monkeypatch.setattr(Engine, "add_request", add_request)
     bridge = EngineBridge(lambda: jvt.Engine("tiny", max_num_seqs=4, max_num_batched_tokens=32,
                                              token_buckets=(8, 32), seq_buckets=(1, 4),
                                              max_model_len=128), max_queue=8)

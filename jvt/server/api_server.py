@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import jvt
-from jvt.server.bridge import EngineBridge, EngineDeadError
+from jvt.server.bridge import EngineDeadError, EngineFront
 from jvt.server.errors import APIError
 from jvt.server.limits import (
     DEFAULT_BODY_TIMEOUT_S,
@@ -77,7 +77,7 @@ def _streamed(chunk) -> dict:
 GENERATE_ERRORS = (400, 401, 404, 408, 413, 500, 503)
 
 
-def create_app(bridge: EngineBridge, *, served_names: list[str], root: str,
+def create_app(bridge: EngineFront, *, served_names: list[str], root: str,
                metrics: ServerMetrics, api_key: str | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, ui: bool = True) -> FastAPI:
@@ -153,13 +153,13 @@ def create_app(bridge: EngineBridge, *, served_names: list[str], root: str,
     @app.get("/engine/stats", responses=_errors(401, 500))
     async def engine_stats() -> dict:
         """engine.stats() now (debug: KV chunks, slots, queue lengths)."""
-        return await _on_engine(bridge, lambda engine: engine.stats())
+        return await _on_engine(bridge, "stats")
 
     @app.post("/reset_prefix_cache", response_class=Response,
               responses={200: {"description": "done (empty body)"}, **_errors(401, 500)})
     async def reset_prefix_cache() -> Response:
         """Release the retained slots of finished requests (engine.free_cache())."""
-        await _on_engine(bridge, lambda engine: engine.free_cache())
+        await _on_engine(bridge, "free_cache")
         return Response(status_code=200)
 
     app.openapi = lambda: _openapi(app, secured=api_key is not None)
@@ -287,9 +287,9 @@ def _openapi(app: FastAPI, secured: bool) -> dict:
     return schema
 
 
-async def _on_engine(bridge: EngineBridge, fn):
+async def _on_engine(bridge: EngineFront, name: str):
     try:
-        return await asyncio.wrap_future(bridge.call(fn))
+        return await asyncio.wrap_future(bridge.call(name))
     except EngineDeadError as e:
         raise APIError(500, str(e)) from None
 
@@ -322,11 +322,21 @@ def _install_error_handlers(app: FastAPI) -> None:
 class _Server(uvicorn.Server):
     """uvicorn's server, except that a shutdown signal first aborts every request (open streams
     end now instead of after their last token) and is not re-raised once the server has shut
-    down (uvicorn re-raises it, which would make the exit status -SIGTERM instead of 0)."""
+    down (uvicorn re-raises it, which would make the exit status -SIGTERM instead of 0). It
+reads the engine's outputs on its event loop, and shuts down when the engine process dies."""
 
-    def __init__(self, config: uvicorn.Config, bridge: EngineBridge):
+    def __init__(self, config: uvicorn.Config, bridge: EngineFront):
         super().__init__(config)
         self.bridge = bridge
+
+    async def serve(self, sockets=None) -> None:
+        self.bridge.attach(asyncio.get_running_loop())
+        self.bridge.on_dead = self._engine_gone
+        await super().serve(sockets)
+
+    def _engine_gone(self) -> None:
+        """The engine process died: shut down (``run`` then exits 1)."""
+        self.should_exit = True
 
     def handle_exit(self, sig, frame) -> None:
         if self.should_exit and sig == signal.SIGINT:
@@ -335,7 +345,7 @@ class _Server(uvicorn.Server):
         self.bridge.abort_all()
 
 
-def serve(app: FastAPI, bridge: EngineBridge, *, host: str, port: int, log_level: str,
+def serve(app: FastAPI, bridge: EngineFront, *, host: str, port: int, log_level: str,
           header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S) -> None:
     """Run ``app`` with uvicorn until SIGINT/SIGTERM (returns after a clean shutdown).
     header_timeout_s: see ``limits.timed_h11``.

@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
                         help="seconds a client has to send a request's body after its headers "
                              f"(default {DEFAULT_BODY_TIMEOUT_S:g}); then 408")
+    parser.add_argument("--engine-in-process", action="store_true",
+                        help="run the engine on a thread of the HTTP server's process instead "
+                             "of a process of its own (docs/server.md, Process layout)")
     parser.add_argument("--no-ui", dest="ui", action="store_false",
                         help="do not serve the chat page at / (served by default)")
     parser.add_argument("--log-level", default="info",
@@ -100,11 +103,12 @@ def engine_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGINT/SIGTERM; 0 after a clean shutdown, 2 for bad options."""
-    import jvt
+    """Serve until SIGINT/SIGTERM; 0 after a clean shutdown, 2 for bad options, 1 when the
+    engine process died."""
     from jvt.config import make_config
     from jvt.server.api_server import create_app, serve
     from jvt.server.bridge import EngineBridge
+    from jvt.server.engine_client import EngineClient
     from jvt.server.metrics import ServerMetrics
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -130,9 +134,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     names = args.served_model_name or [args.model]
     bridge = None
-    metrics = ServerMetrics(names[0], lambda: bridge.stats)
-    bridge = EngineBridge(lambda: jvt.Engine(args.model, **opts), max_queue=max_queue,
-                          on_finish=metrics.observe)
+    metrics = ServerMetrics(names[0], lambda: bridge.stats, lambda: bridge.unfinished)
+    if args.engine_in_process:
+        import jvt
+
+        bridge = EngineBridge(lambda: jvt.Engine(args.model, **opts), max_queue=max_queue,
+                              on_finish=metrics.observe)
+    else:
+        bridge = EngineClient(args.model, opts, max_queue=max_queue, on_finish=metrics.observe,
+                              log_level=args.log_level)
     t0 = time.perf_counter()
     try:
         bridge.start()
@@ -141,9 +151,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     log = logging.getLogger("jvt.server")
     log.info(
-        "engine ready in %.1f s (%s, max_model_len %d, %d slots, up to %d unfinished requests)",
-        time.perf_counter() - t0, args.model, bridge.config.max_model_len,
-        bridge.config.max_num_seqs, bridge.max_pending)
+        "engine ready in %.1f s (%s, max_model_len %d, %d slots, up to %d unfinished requests, "
+        "%s)", time.perf_counter() - t0, args.model, bridge.config.max_model_len,
+        bridge.config.max_num_seqs, bridge.max_pending,
+        "in this process" if args.engine_in_process else f"engine process pid {bridge.pid}")
     app = create_app(bridge, served_names=names, root=args.model, metrics=metrics,
                      api_key=args.api_key, max_request_bytes=args.max_request_bytes,
                      body_timeout_s=args.body_timeout, ui=args.ui)
@@ -154,5 +165,5 @@ def run(args: argparse.Namespace) -> int:
               header_timeout_s=args.header_timeout)
     finally:
         bridge.stop()
-    return 0
+    return 1 if bridge.died else 0
 

@@ -26,9 +26,10 @@ _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 
 class ServerMetrics:
     """The server's metrics. stats: returns the latest engine.stats() dict ({} before the
-    first step)."""
+    first step); unfinished: the API process's count of unfinished engine requests."""
 
-    def __init__(self, model_name: str, stats: Callable[[], dict]):
+    def __init__(self, model_name: str, stats: Callable[[], dict],
+                 unfinished: Callable[[], int] = lambda: 0):
         # Counters would also export a *_created series each; vLLM turns them off too
         # (process-wide: the server owns its process).
         prometheus_client.disable_created_metrics()
@@ -55,7 +56,7 @@ class ServerMetrics:
         self.queue_time = Histogram("jvt:request_queue_time_seconds",
                                     "Request arrival to its first step.", label,
                                     buckets=_REQUEST_BUCKETS, registry=r)
-        r.register(_EngineCollector(model_name, stats))
+        r.register(_EngineCollector(model_name, stats, unfinished))
 
     def observe(self, out: RequestOutput) -> None:
         """Record one finished request (engine thread)."""
@@ -79,11 +80,14 @@ class ServerMetrics:
 
 
 class _EngineCollector:
-    """Gauges (and the preemption counter) derived from the engine's stats at scrape time."""
+    """Gauges (and the preemption counter) derived from the engine's stats at scrape time, and
+    the API side's count of unfinished requests."""
 
-    def __init__(self, model_name: str, stats: Callable[[], dict]):
+    def __init__(self, model_name: str, stats: Callable[[], dict],
+                 unfinished: Callable[[], int]):
         self.model_name = model_name
         self.stats = stats
+        self.unfinished = unfinished
 
     def collect(self):
         s = self.stats()
@@ -92,6 +96,9 @@ class _EngineCollector:
                    s.get("running", 0)),
                   ("jvt:num_requests_waiting", "Requests waiting to be scheduled.",
                    s.get("waiting", 0)),
+                  ("jvt:num_requests_unfinished",
+                   "Requests the server holds (queued, running or finishing; the API side).",
+                   self.unfinished()),
                   ("jvt:kv_cache_usage_perc",
                    "Fraction of the KV budget's chunks in use (1 = full), retained slots included.",
                    _kv_usage(s)))

@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from jvt.server.bridge import (
-    EngineBridge,
     EngineDeadError,
+    EngineFront,
     InvalidRequestError,
     QueueFullError,
     RequestFailedError,
@@ -39,7 +39,7 @@ class Generation:
     Leaving either early (exception, cancellation) aborts the requests still running.
     """
 
-    def __init__(self, bridge: EngineBridge, sub: Submission):
+    def __init__(self, bridge: EngineFront, sub: Submission):
         self.bridge = bridge
         self.sub = sub
         self.open = len(sub.items)  # choices whose last update has not arrived
@@ -129,7 +129,7 @@ class ServingContext:
     root: what --model named.
     """
 
-    def __init__(self, bridge: EngineBridge, served_names: list[str], root: str):
+    def __init__(self, bridge: EngineFront, served_names: list[str], root: str):
         self.bridge = bridge
         self.served_names = served_names
         self.root = root
@@ -219,7 +219,7 @@ class ServingContext:
             raise APIError(503, f"server busy: {e}; retry later", None,
                            {"Retry-After": str(RETRY_AFTER_S)}) from None
         except EngineDeadError as e:
-            raise APIError(500, str(e)) from None
+            raise APIError(e.status, str(e)) from None
         accepted = asyncio.wrap_future(sub.accepted)
         try:
             await asyncio.wait([accepted])
