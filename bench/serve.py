@@ -216,19 +216,29 @@ def bench_http(url: str, model: str, reqs: list[workload.Request], concurrency: 
 
 
 def _cpu_s(pid: int | None = None) -> float:
-    """User + system CPU seconds of this process, plus those of process ``pid`` (Linux /proc)."""
+    """User + system CPU seconds of this process, plus those of process ``pid`` and its
+    children (the engine process of jvt serve; Linux /proc)."""
     t = os.times()
     own = t.user + t.system
     if pid is None:
         return own
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return own + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stats[int(entry.name)] = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+    ticks = sum(int(f[11]) + int(f[12]) for p, f in stats.items()
+                if p == pid or int(f[1]) == pid)
+    return own + ticks / os.sysconf("SC_CLK_TCK")
 
 
 class JvtServer:
     """``python -m jvt serve`` in a subprocess on a free port (a context manager)."""
 
-    def __init__(self, model: str, engine_opts: dict, startup_s: float = 900.0):
+    def __init__(self, model: str, engine_opts: dict, startup_s: float = 900.0,
+                 extra: tuple[str, ...] = ()):
         import socket
 
         with socket.socket() as s:
@@ -236,7 +246,7 @@ class JvtServer:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "jvt", "serve", "--model", model, "--port", str(self.port),
-               "--log-level", "warning", *_flags(engine_opts)]
+               "--log-level", "warning", *extra, *_flags(engine_opts)]
         log(f"serve: starting {' '.join(cmd[1:])}")
         self.proc = subprocess.Popen(cmd)
         deadline = time.monotonic() + startup_s
@@ -339,26 +349,27 @@ def table_row(name: str, s: dict) -> list:
 
 
 def compare(model: str, engine_opts: dict, plan: Plan, repeat: int = 1) -> dict[str, dict]:
-    """``jvt serve`` over HTTP and the in-process engine on one workload, alternating
-    ``repeat`` times (both stay up; the idle one costs nothing), so that load from elsewhere on
-    the machine hits both alike. Each mode's run of median output throughput is reported, with
-    every run's throughput under "runs"."""
+    """``jvt serve`` over HTTP (its default layout, the engine in a process of its own, and
+    with ``--engine-in-process``, the engine on a thread of the HTTP process) and the
+    in-process engine on one workload, alternating ``repeat`` times (all stay up; the idle ones
+    cost nothing), so that load from elsewhere on the machine hits each alike. Each mode's run
+    of median output throughput is reported, with every run's throughput under "runs"."""
     import jvt
 
     reqs = make_workload(plan)
-    runs: dict[str, list[dict]] = {"jvt serve (HTTP)": [], "in-process engine": []}
-    with JvtServer(model, engine_opts) as server:
+    runs: dict[str, list[dict]] = {HTTP: [], HTTP_THREAD: [], LOCAL: []}
+    with JvtServer(model, engine_opts) as server, \
+            JvtServer(model, engine_opts, extra=("--engine-in-process",)) as threaded:
         engine = jvt.Engine(model, **engine_opts)
         try:
             for i in range(repeat):
-                log(f"serve: run {i + 1}/{repeat}: HTTP, {plan.num_prompts} requests, "
-                    f"concurrency {plan.max_concurrency}")
-                runs["jvt serve (HTTP)"].append(
-                    bench_http(server.url, model, reqs, plan.max_concurrency,
-                               server_pid=server.proc.pid))
-                log(f"serve: run {i + 1}/{repeat}: in-process engine")
-                runs["in-process engine"].append(
-                    bench_in_process(engine, reqs, plan.max_concurrency))
+                for name, srv in ((HTTP, server), (HTTP_THREAD, threaded)):
+                    log(f"serve: run {i + 1}/{repeat}: {name}, {plan.num_prompts} requests, "
+                        f"concurrency {plan.max_concurrency}")
+                    runs[name].append(bench_http(srv.url, model, reqs, plan.max_concurrency,
+                                                 server_pid=srv.proc.pid))
+                log(f"serve: run {i + 1}/{repeat}: {LOCAL}")
+                runs[LOCAL].append(bench_in_process(engine, reqs, plan.max_concurrency))
         finally:
             engine.close()
     results = {}
@@ -369,16 +380,24 @@ def compare(model: str, engine_opts: dict, plan: Plan, repeat: int = 1) -> dict[
     return results
 
 
-def _ratio_notes(http: dict, local: dict) -> list[str]:
-    ratio = http["output_throughput"] / local["output_throughput"]
-    cpu = local["cpu_ms_per_output_token"] / http["cpu_ms_per_output_token"]
-    first = (f"HTTP / in-process: output throughput {ratio:.3f}, CPU time per token "
-             f"(inverse; HTTP counts server and client) {cpu:.3f}")
-    notes = [first]
-    if len(http["runs"]) > 1:
-        notes.append("output tok/s of every run (alternating): HTTP "
-                     f"{[round(x) for x in http['runs']]}, in-process "
-                     f"{[round(x) for x in local['runs']]}")
+HTTP, HTTP_THREAD, LOCAL = ("jvt serve (HTTP)", "jvt serve --engine-in-process (HTTP)",
+                             "in-process engine")
+
+
+def _ratio_notes(results: dict[str, dict]) -> list[str]:
+    local = results[LOCAL]
+    notes = []
+    for name in (HTTP, HTTP_THREAD):
+        http = results[name]
+        ratio = http["output_throughput"] / local["output_throughput"]
+        itl = http["p99_itl_ms"] / local["p99_itl_ms"]
+        cpu = local["cpu_ms_per_output_token"] / http["cpu_ms_per_output_token"]
+        notes.append(f"{name} / in-process: output throughput {ratio:.3f}, ITL p99 {itl:.2f}x, "
+                     f"CPU time per token (inverse; HTTP counts server, engine process and "
+                     f"client) {cpu:.3f}")
+    if len(local["runs"]) > 1:
+        notes.append("output tok/s of every run (alternating): " + ", ".join(
+            f"{name} {[round(x) for x in results[name]['runs']]}" for name in results))
     return notes
 
 
@@ -394,8 +413,8 @@ SMOKE = [("tiny", {"max_num_seqs": 4, "max_num_batched_tokens": 64, "max_model_l
 CPU = [("smollm2-135m", {"max_num_seqs": 16, "max_model_len": 1024},
         Plan("random", 32, math.inf, 16, 128, 32)),
        # The overhead-bound extreme: steps of a ~1M-parameter model take a few milliseconds.
-       ("tiny", {"max_num_seqs": 16, "max_num_batched_tokens": 256, "max_model_len": 1024},
-        Plan("random", 64, math.inf, 16, 64, 128))]
+       ("tiny", {"max_num_seqs": 32, "max_num_batched_tokens": 256, "max_model_len": 1024},
+        Plan("random", 96, math.inf, 32, 64, 128))]
 GPU = [("llama-3.2-1b", {"max_num_seqs": 64, "max_model_len": 2048, "device": "cuda",
                          "dtype": "bfloat16"},
         Plan("sharegpt", 256, math.inf, 64, 1024, 512))]
@@ -413,8 +432,8 @@ def run(report: Report, smoke: bool) -> None:
                          f"{plan.max_concurrency})", COLUMNS)
         for name, summary in results.items():
             t.add(*table_row(name, summary))
-        http, local = results["jvt serve (HTTP)"], results["in-process engine"]
-        t.notes += _ratio_notes(http, local)
+        http, local = results[HTTP], results[LOCAL]
+        t.notes += _ratio_notes(results)
         report.headline_row("serve", f"{model} output tok/s at concurrency "
                             f"{plan.max_concurrency}", http["output_throughput"],
                             "in-process engine", local["output_throughput"],
@@ -458,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{plan.request_rate}/s, concurrency {plan.max_concurrency}", COLUMNS)
     for name, summary in results.items():
         table.add(*table_row(name, summary))
-    if len(results) == 2:
-        table.notes += _ratio_notes(*results.values())
+    if LOCAL in results:
+        table.notes += _ratio_notes(results)
     print(table.markdown(), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -233,6 +233,22 @@ def test_stop_strings_and_stop_token_ids(engine):
     assert out.token_ids == base.token_ids[:base.token_ids.index(tok) + 1]
 
 
+def test_detokenize_false_gives_token_ids_only(engine):
+    prompt = "token ids only: "
+    base = engine.generate(prompt, GREEDY, use_tqdm=False)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2,
+                            detokenize=False)
+    out = engine.generate(prompt, params, use_tqdm=False)[0]
+    assert out.token_ids == base.token_ids and out.text == "" and len(out.logprobs) == 24
+    deltas = list(engine.stream(prompt, params))
+    assert [t for d in deltas for t in d.token_ids] == base.token_ids
+    assert all(d.text == "" for d in deltas)
+    with pytest.raises(ValueError, match="stop strings and detokenize=False"):
+        SamplingParams(stop=["x"], detokenize=False)
+    with pytest.raises(ValueError, match="detokenize must be a bool"):
+        SamplingParams(detokenize=1)
+
+
 def test_stream_deltas_add_up_and_close_aborts(engine):
     prompt = "streaming"
     full = engine.generate(prompt, GREEDY, use_tqdm=False)[0]

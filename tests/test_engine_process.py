@@ -214,3 +214,40 @@ def test_in_process_engine_flag():
             assert sse_events(r)[-1] == "[DONE]"
     finally:
         assert s.stop() == 0
+
+
+def test_outputs_equal_the_in_process_engine(server):
+    """The API process detokenizes and applies stop strings; outputs (text, token counts, stop
+    trimming, streamed pieces, logprobs) equal an in-process Engine with the same options."""
+    import jvt
+
+    opts = {"max_num_seqs": 16, "max_model_len": 4096, "max_num_batched_tokens": 64,
+            "token_buckets": (16, 64), "seq_buckets": (4, 16)}
+    engine = jvt.Engine("tiny", **opts)
+    try:
+        with server.http() as c:
+            for prompt in ("Once upon a time", "ab", "Stop strings: "):
+                plain = jvt.SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                                           logprobs=2)
+                ref = engine.generate(prompt, plain, use_tqdm=False)[0]
+                stop = ref.text[7:10]
+                stopped = engine.generate(prompt, jvt.SamplingParams(
+                    temperature=0.0, max_tokens=40, ignore_eos=True, stop=[stop]),
+                    use_tqdm=False)[0]
+                body = {"prompt": prompt, "max_tokens": 40, "temperature": 0,
+                        "ignore_eos": True}
+                r = c.post("/v1/completions", json={**body, "logprobs": 2}).json()
+                choice = r["choices"][0]
+                assert choice["text"] == ref.text
+                assert r["usage"]["completion_tokens"] == len(ref.token_ids)
+                assert choice["logprobs"]["token_logprobs"] == pytest.approx(
+                    [lp.logprob for lp in ref.logprobs], abs=1e-5)
+                r = c.post("/v1/completions", json={**body, "stop": stop}).json()
+                assert r["choices"][0]["text"] == stopped.text == ref.text[:ref.text.find(stop)]
+                assert r["choices"][0]["finish_reason"] == "stop"
+                assert r["usage"]["completion_tokens"] == len(stopped.token_ids)
+                events = sse_events(c.post("/v1/completions",
+                                           json={**body, "stop": stop, "stream": True}))
+                assert "".join(e["choices"][0]["text"] for e in events[:-1]) == stopped.text
+    finally:
+        engine.close()

@@ -164,7 +164,7 @@ class EngineBridge(EngineFront):
         sub = Submission(items)
         self._commands.put(("add", sub))
         if not self.alive:  # died between the check and the put: nobody may answer
-            _resolve(sub.accepted, EngineDeadError("the engine is not running"))
+            resolve(sub.accepted, EngineDeadError("the engine is not running"))
         return sub
 
     def abort(self, sub: Submission, index: int | None = None) -> None:
@@ -182,7 +182,7 @@ class EngineBridge(EngineFront):
         fut = concurrent.futures.Future()
         self._commands.put(("call", (name, fut)))
         if not self.alive:
-            _resolve(fut, EngineDeadError("the engine is not running"))
+            resolve(fut, EngineDeadError("the engine is not running"))
         return fut
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -226,7 +226,7 @@ class EngineBridge(EngineFront):
     def accepted(self, sub: Submission, error: Exception | None) -> None:
         if error is not None:
             self._release(len(sub.items))
-        _resolve(sub.accepted, error)
+        resolve(sub.accepted, error)
 
     def publish(self, updates: list[tuple[Submission, Update, Any]], stats: dict | None
                 ) -> None:
@@ -242,7 +242,7 @@ class EngineBridge(EngineFront):
 
     def answer(self, key: concurrent.futures.Future, result: Any,
                error: Exception | None) -> None:
-        _resolve(key, error, result)
+        resolve(key, error, result)
 
     def _fail(self, core: EngineLoop, dead: EngineDeadError) -> None:
         """End every open submission with ``dead``, including those still in the queue."""
@@ -251,13 +251,13 @@ class EngineBridge(EngineFront):
         core.active.clear()
         for kind, arg in self.take(block=False):
             if kind == "add":
-                _resolve(arg.accepted, dead)
+                resolve(arg.accepted, dead)
             elif kind == "call":
-                _resolve(arg[1], dead)
+                resolve(arg[1], dead)
         self._release_all()
 
 
-def _resolve(fut: concurrent.futures.Future, error: BaseException | None = None,
+def resolve(fut: concurrent.futures.Future, error: BaseException | None = None,
              result: Any = None) -> None:
     """Set a Future once; a second resolution (a race with a failure path) is ignored."""
     try:

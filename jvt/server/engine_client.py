@@ -41,6 +41,7 @@ from jvt.server.bridge import (
     RequestFailedError,
     Submission,
     Update,
+    resolve,
 )
 from jvt.types import RequestMetrics, RequestOutput, SamplingParams, StreamDelta
 
@@ -199,13 +200,12 @@ class EngineClient(EngineFront):
             if open_ is None:
                 continue
             if error is None:
-                open_.sub.accepted.set_result(None)
+                resolve(open_.sub.accepted)
                 continue
             del self._subs[sid]
             self._release(len(open_.sub.items))
-            open_.sub.accepted.set_exception(
-                InvalidRequestError(*detail) if error == "invalid" else RequestFailedError(
-                    detail[0]))
+            resolve(open_.sub.accepted, InvalidRequestError(*detail) if error == "invalid"
+                    else RequestFailedError(detail[0]))
         now = time.perf_counter()
         for sid, index, *record in records:
             open_ = self._subs.get(sid)
@@ -228,10 +228,7 @@ class EngineClient(EngineFront):
         for key, result, error in answers:
             fut = self._calls.pop(key, None)
             if fut is not None:
-                if error is None:
-                    fut.set_result(result)
-                else:
-                    fut.set_exception(RuntimeError(error))
+                resolve(fut, None if error is None else RuntimeError(error), result)
 
     def _on_exit(self) -> None:
         """The engine process has ended: fail what is open; unless it was stopped, the server
@@ -247,10 +244,10 @@ class EngineClient(EngineFront):
             if open_.sub.accepted.done():
                 open_.sub.updates.put_nowait(self._dead)
             else:
-                open_.sub.accepted.set_exception(self._dead)
+                resolve(open_.sub.accepted, self._dead)
         self._subs.clear()
         for fut in self._calls.values():
-            fut.set_exception(self._dead)
+            resolve(fut, self._dead)
         self._calls.clear()
         self._release_all()
         if self._closing:
