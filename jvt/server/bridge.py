@@ -62,7 +62,7 @@ class Submission:
 
 class EngineFront:
     """What the API process knows of an engine wherever it runs: the bound on unfinished
-    requests, the latest engine.stats() snapshot, the tokenizer and configs (set by
+    requests, the latest engine.stats() snapshot, the tokenizer and EngineConfig (set by
     ``start``). Subclasses send the commands.
 
     max_queue: unfinished requests allowed beyond the engine's max_num_seqs; ``max_pending``
@@ -79,7 +79,7 @@ class EngineFront:
         self._pending = 0  # unfinished requests (guarded by _lock)
         self._closing = False
         self.stats: dict = {}  # engine.stats() after the latest step
-        self.tokenizer = self.config = self.model_config = None
+        self.tokenizer = self.config = None
         self.max_token_bytes = 1  # the tokenizer's, set by start()
 
     died = False  # the engine process ended without being stopped (the server exits 1)
@@ -88,8 +88,8 @@ class EngineFront:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """The server's event loop is running (an engine process's outputs are read on it)."""
 
-    def _started(self, tokenizer, config, model_config) -> None:
-        self.tokenizer, self.config, self.model_config = tokenizer, config, model_config
+    def _started(self, tokenizer, config) -> None:
+        self.tokenizer, self.config = tokenizer, config
         self.max_token_bytes = tokenizer.max_token_bytes
         self.max_pending = config.max_num_seqs + self.max_queue
 
@@ -146,7 +146,7 @@ class EngineBridge(EngineFront):
         """Build the engine on its thread and wait for it (re-raises its construction error)."""
         self._thread.start()
         engine = self._ready.result()
-        self._started(engine.tokenizer, engine.config, engine.model.config)
+        self._started(engine.tokenizer, engine.config)
 
     @property
     def alive(self) -> bool:

@@ -94,7 +94,7 @@ class EngineClient(EngineFront):
         except BaseException:
             self.stop()
             raise
-        self._started(tokenizer, config, None)
+        self._started(tokenizer, config)
 
     def _wait_ready(self) -> EngineConfig:
         while not self._rx.poll(READY_POLL_MS):
