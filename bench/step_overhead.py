@@ -96,18 +96,18 @@ def _time_device(engine, batch: int, reps: int) -> float:
     step = runner.compiled[key]
     ints, floats = jax.device_put(_to_wire(_pack(plan, batch, batch)), engine.device)
     weights = runner.weights if hasattr(runner, "weights") else runner.params  # before NNX
-    last = runner.last_tokens
+    last, tables = runner.last_tokens, runner.tables
     samples = []
     for _ in range(5):
         n = max(1, reps // 5)
-        last, out = step(weights, last, ints, floats)
+        last, tables, out = step(weights, last, tables, ints, floats)
         jax.block_until_ready(out)
         t0 = time.perf_counter()
         for _ in range(n):
-            last, out = step(weights, last, ints, floats)
+            last, tables, out = step(weights, last, tables, ints, floats)
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - t0) / n)
-    runner.last_tokens = last
+    runner.last_tokens, runner.tables = last, tables
     return statistics.median(samples)
 
 

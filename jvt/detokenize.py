@@ -66,11 +66,14 @@ class OutputText:
         self.text = ""  # the settled output text (trimmed at a stop string once matched)
         self.streamed = 0  # characters already handed out by take()
 
-    def add(self, tokens: list[int]) -> bool:
+    def add(self, tokens: list[int], stops: bool = True) -> bool:
         """Take the token just appended to ``tokens``; True when the output now holds a stop
-        string (the text is then trimmed before it and final)."""
+        string (the text is then trimmed before it and final). stops False (before
+        min_tokens) looks for none."""
         before = len(self.text)
         self.text += self.detokenizer.step(tokens)
+        if not stops:
+            return False
         shown = self.text + self.detokenizer.pending  # the full decode of the output so far
         for stop in self.stop:
             # The new token may also complete a character held as U+FFFD: look a bit back.

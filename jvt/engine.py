@@ -21,7 +21,7 @@ from jvt.config import make_config
 from jvt.detokenize import OutputText
 from jvt.models.loader import quantizable
 from jvt.platform import enable_compilation_cache, jax_devices
-from jvt.runner import EntryError, Runner
+from jvt.runner import EntryError, Runner, Scores, scores_prompt
 from jvt.scheduler import Scheduler, Sequence, Status, StepPlan
 from jvt.session import Session
 from jvt.types import (
@@ -51,7 +51,11 @@ class Request:
         self.out_text = OutputText(tokenizer, seq.num_prompt, seq.params.stop) \
             if seq.params.detokenize else None
         self.logprobs: list[Logprob] | None = [] if seq.params.logprobs is not None else None
+        # one per prompt position (the first stays None), filled by the prefill steps
+        self.prompt_logprobs: list[Logprob | None] | None = \
+            [None] * seq.num_prompt if seq.params.prompt_logprobs is not None else None
         self.streamed_tokens = 0
+        self.stream_started = False  # a delta was given (the first carries prompt_logprobs)
         self.stream_done = False  # the final delta was given
         self.error: str | None = None  # why the engine failed this request (finish "error")
 
@@ -78,7 +82,7 @@ class Request:
         self.metrics.num_preemptions = seq.num_preemptions
         return RequestOutput(seq.request_id, self.prompt, seq.tokens[:seq.num_prompt], self.text,
                              seq.tokens[seq.num_prompt:], seq.finish_reason, self.metrics,
-                             self.logprobs, self.error)
+                             self.logprobs, self.error, self.prompt_logprobs)
 
 
 class Engine:
@@ -118,7 +122,8 @@ class Engine:
         module = self.model.module
         if cfg.tensor_parallel > mc.num_kv_heads:
             module = parallel.expand_kv_heads(module, cfg.tensor_parallel)
-        self.runner = Runner(module, self.store, shapes=cfg.step_shapes, devices=self.devices)
+        self.runner = Runner(module, self.store, shapes=cfg.step_shapes, devices=self.devices,
+                             eos_ids=self.tokenizer.eos_ids)
         self.runner.warmup()
         if cfg.device != "cpu" and cfg.kv_budget_bytes is None:
             self.store.set_budget_bytes(memory.gpu_kv_budget(
@@ -337,9 +342,11 @@ class Engine:
             launched = (self._step_id, plan, result)
         if self._inflight is not None:
             step, prev_plan, prev_result = self._inflight
-            host = self.runner.collect(prev_result)
+            host, scores = self.runner.collect(prev_result)
             self.store.check()
             self.scheduler.retire(step)
+            if scores is not None:
+                self._take_scores(prev_plan, scores)
             self._postprocess(prev_plan, host)
         elif launched is None and self.scheduler.has_work():
             # A step may only preempt; one that stays idle with nothing in flight is stuck.
@@ -378,7 +385,23 @@ class Engine:
         landed; its results are still read back by step() as usual. The scheduler calls this
         before it swaps a slot out."""
         if self._inflight is not None:
-            self._inflight[2].block_until_ready()
+            self._inflight[2][0].block_until_ready()
+
+    def _take_scores(self, plan: StepPlan, scores: Scores) -> None:
+        """Record the prompt log-probabilities a scoring step computed."""
+        row = 0
+        for entry in plan.entries:
+            req = self._requests.get(entry.seq.request_id)
+            if req is not None and req.prompt_logprobs is not None and scores_prompt(entry):
+                seq, k = entry.seq, entry.seq.params.prompt_logprobs
+                for pos in range(entry.start, min(entry.start + entry.n, seq.num_prompt - 1)):
+                    r = row + pos - entry.start
+                    top = {int(t): float(lp) for t, lp in zip(scores.top_ids[r][:k],
+                                                              scores.top_logprobs[r][:k])}
+                    req.prompt_logprobs[pos + 1] = Logprob(seq.tokens[pos + 1],
+                                                           float(scores.logprob[r]), top,
+                                                           int(scores.rank[r]))
+            row += entry.n
 
     def _postprocess(self, plan, host) -> None:
         now = time.perf_counter()
@@ -398,6 +421,12 @@ class Engine:
     def _take_token(self, req: Request, host, i: int, now: float) -> None:
         """Append row ``i``'s sampled token to ``req`` and finish it if it stops there."""
         seq = req.seq
+        if seq.params.max_tokens == 0:  # the prompt only: the token is not kept
+            req.settle_text()
+            self.scheduler.finish(seq, "length")
+            req.metrics.finished_time = now
+            del self._requests[seq.request_id]
+            return
         token = int(host.tokens[i])
         seq.tokens.append(token)
         req.metrics.token_times.append(now)
@@ -414,11 +443,12 @@ class Engine:
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
         seq, params = req.seq, req.seq.params
-        if req.out_text is not None and req.out_text.add(seq.tokens):
+        stops = seq.num_output >= params.min_tokens
+        if req.out_text is not None and req.out_text.add(seq.tokens, stops):
             return "stop"
         reason = None
-        if token in params.stop_token_ids or (
-                not params.ignore_eos and token in self.tokenizer.eos_ids):
+        if stops and (token in params.stop_token_ids or (
+                not params.ignore_eos and token in self.tokenizer.eos_ids)):
             reason = "stop"
         elif seq.num_output >= params.max_tokens or len(seq.tokens) >= self.config.max_model_len:
             reason = "length"
@@ -443,9 +473,12 @@ class Engine:
         logprobs = None
         if req.logprobs is not None:
             logprobs = req.logprobs[req.streamed_tokens:req.streamed_tokens + len(tokens)]
+        first = req.streamed_tokens == 0 and not req.stream_started
+        req.stream_started = True
         req.streamed_tokens += len(tokens)
         req.stream_done = req.finished
-        return StreamDelta(req.seq.request_id, text, tokens, req.seq.finish_reason, logprobs)
+        return StreamDelta(req.seq.request_id, text, tokens, req.seq.finish_reason, logprobs,
+                           req.prompt_logprobs if first else None)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -470,6 +503,10 @@ class Engine:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"{name} has token ids outside [0, {vocab}): {bad[:5]}")
+        bad = [t for t, _ in params.logit_bias if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias for {name} has token ids outside [0, {vocab}): "
+                             f"{bad[:5]}")
         limit = self.config.max_model_len
         if len(ids) >= limit:
             raise ValueError(f"{name} has {len(ids)} tokens; max_model_len={limit} leaves room "

@@ -12,7 +12,13 @@ CPU once (the step picks greedy or sampling on the device). A step pads its plan
 smallest shape that holds it (pure decode: T = S, one row per sequence), so sequences growing
 never recompile anything (the KV cache lives outside XLA). The step keeps the last sampled token of every slot on the device
 (``last_tokens`` [slots]); a decode row of step N takes its input from there, so step N can be
-enqueued before the host has read step N-1's tokens (one-step lag).
+enqueued before the host has read step N-1's tokens (one-step lag). The penalty tables
+(jvt.penalties) are threaded through the steps the same way.
+
+A step that holds prompt rows of a request asking for prompt_logprobs runs the scoring variant
+of its shape (compiled when first needed): the LM head over every row, in blocks of at most
+SCORE_BLOCK rows so no full-vocabulary logits of a long chunk are held at once, reduced to each
+row's log-probability and rank of the next prompt token and the top alternatives.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jvt import parallel
+from jvt import parallel, penalties
 from jvt.config import bucket
+from jvt.penalties import PenaltyTables
 from jvt.sampling import SampleResult, SamplingArrays, sample
-from jvt.scheduler import StepPlan
-from jvt.types import AttnMeta
+from jvt.scheduler import Entry, StepPlan
+from jvt.types import MAX_LOGPROBS, AttnMeta, SamplingParams
+
+SCORE_BLOCK = 64  # most rows whose full-vocabulary logits one scoring block holds
 
 
 @jax.tree_util.register_dataclass
@@ -48,33 +57,42 @@ def _int_fields(i: StepInputs) -> list:
     """The int32 fields of StepInputs in wire order (see _to_wire)."""
     m, sp = i.meta, i.sampling
     return [i.tokens, i.prev_slot, m.positions, m.seq_start, m.seq_slot, m.seq_len, i.keep,
-            sp.top_k, sp.seed, sp.counter]
+            sp.top_k, sp.seed, sp.counter, sp.min_tokens, sp.penalized]
 
 
 def _to_wire(i: StepInputs) -> tuple[np.ndarray, np.ndarray]:
-    """One int32 and one float32 host array (two transfers per step instead of thirteen)."""
+    """One int32 and one float32 host array (two transfers per step instead of eighteen)."""
     ints = [np.asarray(a).astype(np.int32) if a.dtype == bool else np.asarray(a).view(np.int32)
             for a in _int_fields(i)]
     sp = i.sampling
-    return np.concatenate(ints), np.concatenate([sp.temperature, sp.top_p, sp.min_p])
+    return np.concatenate(ints), np.concatenate([sp.temperature, sp.top_p, sp.min_p,
+                                                 sp.presence, sp.frequency, sp.repetition])
 
 
 def _from_wire(ints: jax.Array, floats: jax.Array, t: int, s: int) -> StepInputs:
-    sizes = [t, t, t, s + 1, s, s, s, s, s, s]
+    sizes = [t, t, t, s + 1, s, s, s, s, s, s, s, s]
     parts = jnp.split(ints, np.cumsum(sizes)[:-1])
-    tokens, prev_slot, positions, seq_start, seq_slot, seq_len, keep, top_k, seed, counter = parts
-    temperature, top_p, min_p = jnp.split(floats, 3)
+    (tokens, prev_slot, positions, seq_start, seq_slot, seq_len, keep, top_k, seed, counter,
+     min_tokens, penalized) = parts
+    temperature, top_p, min_p, presence, frequency, repetition = jnp.split(floats, 6)
     sampling = SamplingArrays(temperature, top_k, top_p, min_p,
-                              jax.lax.bitcast_convert_type(seed, jnp.uint32), counter)
+                              jax.lax.bitcast_convert_type(seed, jnp.uint32), counter,
+                              presence, frequency, repetition, min_tokens, penalized.astype(bool))
     meta = AttnMeta(positions, seq_start, seq_slot, seq_len)
     return StepInputs(tokens, prev_slot, meta, keep.astype(bool), sampling)
 
 
-def _step(weights, last_tokens, ints, floats, *, t, s, greedy_only, graphdef, treedef,
-          store_id, tensor_parallel, split_vocab):
-    """One engine step: returns the new last_tokens and [S, 2 + 2K] float32 results (token id
-    and top ids bit-cast), read back in one transfer. weights: the module's flat state (one
-    device's shards under tensor parallelism, where this runs inside shard_map)."""
+_as_f32 = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
+
+
+def _step(weights, last_tokens, tables, ints, floats, *targets, t, s, greedy_only, penalize,
+          graphdef, treedef, store_id, tensor_parallel, split_vocab):
+    """One engine step: returns the new last_tokens and penalty tables, and [S, 2 + 2K]
+    float32 results (token id and top ids bit-cast), read back in one transfer; with
+    ``targets`` ([T] int32 next prompt token of each row, -1 for none: the scoring variant)
+    also [T, 2 + 2K] scores (``_score``). weights: the module's flat state (one device's
+    shards under tensor parallelism, where this runs inside shard_map). penalize: None
+    decides on the device whether any row is penalised (as greedy_only None)."""
     module = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
     inputs = _from_wire(ints, floats, t, s)
     prev = last_tokens[jnp.maximum(inputs.prev_slot, 0)]
@@ -82,17 +100,60 @@ def _step(weights, last_tokens, ints, floats, *, t, s, greedy_only, graphdef, tr
     reduce = parallel.all_reduce if tensor_parallel else (lambda x: x)
     hidden = module(tokens, inputs.meta, store_id=store_id, reduce=reduce)
     last_rows = jnp.maximum(inputs.meta.seq_start[1:] - 1, 0)  # [S] each entry's last row
-    logits = module.logits(hidden[last_rows])
-    if split_vocab:
-        logits = parallel.gather_vocab(logits)
-    r = sample(logits, inputs.sampling, greedy_only=greedy_only)
+    lm_head = functools.partial(_lm_head, module, split_vocab)
+    logits = lm_head(hidden[last_rows])
+    choose = _penalized(logits, tables, inputs, penalize)
+    r = sample(logits, inputs.sampling, greedy_only=greedy_only, choose=choose)
     slots = last_tokens.shape[0]
     target = jnp.where(inputs.keep, inputs.meta.seq_slot, slots)  # out of range: dropped
     last_tokens = last_tokens.at[target].set(r.tokens, mode="drop")
-    as_f32 = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
-    out = jnp.concatenate([as_f32(r.tokens)[:, None], r.logprob[:, None], as_f32(r.top_ids),
+    tables = penalties.count(tables, target, r.tokens)
+    out = jnp.concatenate([_as_f32(r.tokens)[:, None], r.logprob[:, None], _as_f32(r.top_ids),
                            r.top_logprobs], axis=1)
-    return last_tokens, out
+    if not targets:
+        return last_tokens, tables, out
+    return last_tokens, tables, out, _score(lm_head, hidden, targets[0])
+
+
+def _lm_head(module, split_vocab: bool, hidden: jax.Array) -> jax.Array:
+    logits = module.logits(hidden)
+    return parallel.gather_vocab(logits) if split_vocab else logits
+
+
+def _penalized(logits, tables, inputs: StepInputs, penalize: bool | None):
+    """The logits the tokens are chosen from (None: the logits themselves)."""
+    if penalize is False:
+        return None
+    sp = inputs.sampling
+    slots = jnp.maximum(inputs.meta.seq_slot, 0)
+
+    def apply():
+        return penalties.penalize(logits.astype(jnp.float32), tables, slots, sp.presence,
+                                  sp.frequency, sp.repetition, sp.min_tokens, sp.counter,
+                                  sp.penalized)
+    if penalize:
+        return apply()
+    return jax.lax.cond(jnp.any(sp.penalized), apply, lambda: logits.astype(jnp.float32))
+
+
+def _score(lm_head, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    """[T, 2 + 2K] float32 per row: the log-probability of targets[row] (the next prompt
+    token), its rank (1 = most likely; bit-cast int32), the top K ids (bit-cast) and their
+    log-probabilities. Rows with target -1 give values that are not read."""
+    rows = hidden.shape[0]
+    block = max(b for b in range(1, min(rows, SCORE_BLOCK) + 1) if rows % b == 0)
+
+    def one(args):
+        h, tg = args
+        lp = jax.nn.log_softmax(lm_head(h).astype(jnp.float32), axis=-1)
+        top_lp, top_ids = jax.lax.top_k(lp, min(MAX_LOGPROBS, lp.shape[-1]))
+        own = jnp.take_along_axis(lp, jnp.maximum(tg, 0)[:, None], axis=-1)
+        rank = 1 + jnp.sum(lp > own, axis=-1).astype(jnp.int32)
+        return jnp.concatenate([own, _as_f32(rank)[:, None], _as_f32(top_ids.astype(jnp.int32)),
+                                top_lp], axis=1)
+    out = jax.lax.map(one, (hidden.reshape(rows // block, block, -1),
+                            targets.reshape(rows // block, block)))
+    return out.reshape(rows, -1)
 
 
 class Runner:
@@ -103,9 +164,10 @@ class Runner:
         KVStoreGroup under tensor parallelism).
       shapes: the sorted (T, S) step shapes (EngineConfig.step_shapes).
       devices: the jax.Devices to run on: one, or the tensor-parallel mesh's (jvt.parallel).
+      eos_ids: the tokenizer's EOS ids (min_tokens bans them).
     """
 
-    def __init__(self, module, store, *, shapes, devices):
+    def __init__(self, module, store, *, shapes, devices, eos_ids: tuple[int, ...]):
         self.store = store
         self.shapes = sorted(shapes)
         self.graphdef, state = nnx.split(module)
@@ -122,62 +184,134 @@ class Runner:
             self.weights = jax.device_put(weights, devices[0])  # flat list, flattened once
         self.last_tokens = jax.device_put(np.zeros(store.slots, np.int32),
                                           self.inputs_sharding)
+        self.vocab = module.config.vocab_size
+        self.eos_ids = tuple(eos_ids)
+        self.tables = PenaltyTables.zeros(store.slots, self.vocab, self.inputs_sharding)
+        self._set_rows = jax.jit(penalties.set_rows, donate_argnums=0)
         # greedy_only variants per shape: None = decided on the device (see sampling.sample)
         self.variants = (None,) if devices[0].platform == "cpu" else (True, False)
-        self.compiled: dict[tuple[int, int, bool | None], object] = {}  # (T, S, variant)
+        # (T, S, variant, scoring) -> compiled step
+        self.compiled: dict[tuple[int, int, bool | None, bool], object] = {}
         self.num_compiles = 0
 
     def warmup(self) -> None:
-        """Compile every step shape, greedy-only and sampling, so no step compiles."""
+        """Compile every step shape, greedy-only and sampling, so no step compiles (the
+        scoring variants compile when a prompt_logprobs request first needs one)."""
         for shape in self.shapes:
             for greedy_only in self.variants:
-                self._compile(*shape, greedy_only)
+                self._compile(*shape, greedy_only, False)
+        empty = penalties.rows(_PLAIN, [0], 1, self.vocab, ())
+        self.tables = self._set_rows(self.tables, 0, jax.device_put(empty, self.inputs_sharding))
 
     def temp_bytes(self) -> int:
         """The largest per-device temporary memory of the compiled steps (XLA's estimate)."""
         sizes = [c.memory_analysis() for c in self.compiled.values()]
         return max((m.temp_size_in_bytes for m in sizes if m is not None), default=0)
 
-    def _compile(self, t: int, s: int, greedy_only: bool | None):
-        key = (t, s, greedy_only)
+    def _compile(self, t: int, s: int, greedy_only: bool | None, scoring: bool):
+        key = (t, s, greedy_only, scoring)
         if key not in self.compiled:
-            fn = functools.partial(_step, t=t, s=s, greedy_only=greedy_only,
+            penalize = None if greedy_only is None else not greedy_only
+            fn = functools.partial(_step, t=t, s=s, greedy_only=greedy_only, penalize=penalize,
                                    graphdef=self.graphdef, treedef=self.treedef,
                                    store_id=self.store.store_id,
                                    tensor_parallel=self.mesh is not None,
                                    split_vocab=self.split_vocab)
+            args = [self.last_tokens, self.tables,
+                    *jax.device_put(_to_wire(_pack(None, t, s)), self.inputs_sharding)]
+            if scoring:
+                args.append(jax.device_put(np.full(t, -1, np.int32), self.inputs_sharding))
             if self.mesh is not None:
-                fn = parallel.shard_step(fn, self.mesh, self.specs, num_replicated=3)
-            step = jax.jit(fn, donate_argnums=1)
-            ints, floats = jax.device_put(_to_wire(_pack(None, t, s)), self.inputs_sharding)
-            self.compiled[key] = step.lower(self.weights, self.last_tokens, ints,
-                                            floats).compile()
+                fn = parallel.shard_step(fn, self.mesh, self.specs, num_replicated=len(args))
+            step = jax.jit(fn, donate_argnums=(1, 2))
+            self.compiled[key] = step.lower(self.weights, *args).compile()
             self.num_compiles += 1
         return self.compiled[key]
 
-    def launch(self, plan: StepPlan) -> jax.Array:
-        """Enqueue the step of ``plan``; returns its device results without waiting.
+    def launch(self, plan: StepPlan) -> tuple[jax.Array, jax.Array | None]:
+        """Enqueue the step of ``plan``; returns its device results without waiting: the
+        samples and, when an entry scores prompt tokens, the scores.
 
         EntryError (nothing enqueued) when one entry cannot be packed."""
         t, s = bucket(self.shapes, plan.num_tokens, len(plan.entries))
-        greedy_only = None if self.variants == (None,) else \
-            all(e.seq.params.temperature == 0 for e in plan.entries)
-        ints, floats = jax.device_put(_to_wire(_pack(plan, t, s)), self.inputs_sharding)
-        step = self._compile(t, s, greedy_only)
+        greedy_only = None if self.variants == (None,) else all(
+            e.seq.params.temperature == 0 and not e.seq.params.penalized for e in plan.entries)
+        wire = _to_wire(_pack(plan, t, s))
+        targets = _targets(plan, t)
+        args = jax.device_put([*wire] + ([] if targets is None else [targets]),
+                              self.inputs_sharding)
+        step = self._compile(t, s, greedy_only, targets is not None)
+        self._write_penalty_rows(plan)
         # Every chunk the step reads is mapped before it is dispatched (the CUDA handler maps
         # nothing, so XLA can replay the step as a CUDA graph); one atomic load when the
         # background mapper has already done it.
         self.store.apply_pending()
-        self.last_tokens, out = step(self.weights, self.last_tokens, ints, floats)
-        return out
+        self.last_tokens, self.tables, *out = step(self.weights, self.last_tokens, self.tables,
+                                                   *args)
+        return out[0], (out[1] if len(out) > 1 else None)
+
+    def _write_penalty_rows(self, plan: StepPlan) -> None:
+        """The penalty rows of the penalised sequences this plan runs for the first time
+        since they got their slot (what the host knows of them is complete then)."""
+        for e in plan.entries:
+            seq = e.seq
+            if seq.params.penalized and not seq.penalty_rows_written:
+                row = penalties.rows(seq.params, seq.tokens, seq.num_prompt, self.vocab,
+                                     self.eos_ids)
+                self.tables = self._set_rows(self.tables, seq.slot,
+                                             jax.device_put(row, self.inputs_sharding))
+                seq.penalty_rows_written = True
 
     @staticmethod
-    def collect(out: jax.Array) -> SampleResult:
+    def collect(launched: tuple[jax.Array, jax.Array | None]
+                ) -> tuple[SampleResult, Scores | None]:
         """Wait for a launched step and unpack its results into host numpy arrays."""
+        out, scores = launched
         host = np.asarray(out)
         k = (host.shape[1] - 2) // 2
-        return SampleResult(tokens=host[:, 0].view(np.int32), logprob=host[:, 1],
-                            top_ids=host[:, 2:2 + k].view(np.int32), top_logprobs=host[:, 2 + k:])
+        samples = SampleResult(tokens=host[:, 0].view(np.int32), logprob=host[:, 1],
+                               top_ids=host[:, 2:2 + k].view(np.int32),
+                               top_logprobs=host[:, 2 + k:])
+        if scores is None:
+            return samples, None
+        sc = np.asarray(scores)
+        return samples, Scores(logprob=sc[:, 0], rank=sc[:, 1].view(np.int32),
+                               top_ids=sc[:, 2:2 + k].view(np.int32), top_logprobs=sc[:, 2 + k:])
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """Host copy of a scoring step's per-row results (T rows, K = min(MAX_LOGPROBS, V))."""
+
+    logprob: np.ndarray  # [T] float32 log-probability of the row's next prompt token
+    rank: np.ndarray  # [T] int32 its rank (1: the most likely token)
+    top_ids: np.ndarray  # [T, K] int32
+    top_logprobs: np.ndarray  # [T, K] float32
+
+
+_PLAIN = SamplingParams()
+
+
+def scores_prompt(e: Entry) -> bool:
+    """Whether entry ``e`` holds prompt rows whose next-token log-probabilities are asked."""
+    return (e.seq.params.prompt_logprobs is not None and not e.from_device
+            and e.start + 1 < e.seq.num_prompt)
+
+
+def _targets(plan: StepPlan, t: int) -> np.ndarray | None:
+    """[t] next prompt token of every scored row (-1 elsewhere), or None when no entry of the
+    plan scores its prompt."""
+    if not any(scores_prompt(e) for e in plan.entries):
+        return None
+    targets = np.full(t, -1, np.int32)
+    row = 0
+    for e in plan.entries:
+        if scores_prompt(e):
+            seq = e.seq
+            end = min(e.start + e.n, seq.num_prompt - 1)  # positions predicting a prompt token
+            targets[row:row + end - e.start] = seq.tokens[e.start + 1:end + 1]
+        row += e.n
+    return targets
 
 
 class EntryError(Exception):

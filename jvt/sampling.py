@@ -26,6 +26,11 @@ class SamplingArrays:
     min_p: jax.Array  # [S] float32 in [0, 1]
     seed: jax.Array  # [S] uint32
     counter: jax.Array  # [S] int32 index of the generated token (0 for the first)
+    presence: jax.Array  # [S] float32 presence_penalty
+    frequency: jax.Array  # [S] float32 frequency_penalty
+    repetition: jax.Array  # [S] float32 repetition_penalty
+    min_tokens: jax.Array  # [S] int32
+    penalized: jax.Array  # [S] bool: the row's logits go through jvt.penalties.penalize
 
     @staticmethod
     def pack(rows: list[tuple[SamplingParams, int, int]], size: int) -> SamplingArrays:
@@ -40,13 +45,19 @@ class SamplingArrays:
         """numpy arrays of ``size`` greedy padding rows (filled by ``set_row``)."""
         return SamplingArrays(np.zeros(size, np.float32), np.zeros(size, np.int32),
                               np.ones(size, np.float32), np.zeros(size, np.float32),
-                              np.zeros(size, np.uint32), np.zeros(size, np.int32))
+                              np.zeros(size, np.uint32), np.zeros(size, np.int32),
+                              np.zeros(size, np.float32), np.zeros(size, np.float32),
+                              np.ones(size, np.float32), np.zeros(size, np.int32),
+                              np.zeros(size, bool))
 
     def set_row(self, i: int, params: SamplingParams, seed: int, counter: int) -> None:
         """Row ``i`` samples with ``params`` from key (seed, counter) (numpy arrays only)."""
         self.temperature[i], self.top_k[i] = params.temperature, params.top_k
         self.top_p[i], self.min_p[i] = params.top_p, params.min_p
         self.seed[i], self.counter[i] = seed, counter
+        self.presence[i], self.frequency[i] = params.presence_penalty, params.frequency_penalty
+        self.repetition[i], self.min_tokens[i] = params.repetition_penalty, params.min_tokens
+        self.penalized[i] = params.penalized
 
 
 @jax.tree_util.register_dataclass
@@ -84,7 +95,8 @@ def _filtered_probs(x: jax.Array, top_k, top_p, min_p) -> jax.Array:
     are all kept.
     """
     top = jnp.max(x)
-    kth = _bisect(jnp.min(x), top + 1.0, lambda v: jnp.sum(x >= v) >= top_k)
+    low = jnp.min(jnp.where(x > -jnp.inf, x, top))  # banned tokens (-inf) are never kept
+    kth = _bisect(low, top + 1.0, lambda v: jnp.sum(x >= v) >= top_k)
     x = jnp.where((top_k == 0) | (x >= kth), x, -jnp.inf)
     probs = jax.nn.softmax(x)
     p_max = jnp.max(probs)
@@ -105,9 +117,12 @@ def _sample_row(logits, temperature, top_k, top_p, min_p, seed, counter):
     return jnp.minimum(jnp.searchsorted(cdf, u, side="right"), x.shape[0] - 1)
 
 
-def sample(logits: jax.Array, p: SamplingArrays, *, greedy_only: bool | None = False
-           ) -> SampleResult:
+def sample(logits: jax.Array, p: SamplingArrays, *, greedy_only: bool | None = False,
+           choose: jax.Array | None = None) -> SampleResult:
     """Pick one token per row of ``logits`` [S, V] (float32) under ``p``.
+
+    choose: the logits the tokens are picked from when they differ from ``logits`` (penalties
+    and biases, jvt.penalties); the logprobs are always those of ``logits``.
 
     greedy_only True skips the filtering and the draw (the caller knows no row samples), False
     always runs them, both static switches; None decides on the device with lax.cond. XLA:GPU
@@ -116,12 +131,13 @@ def sample(logits: jax.Array, p: SamplingArrays, *, greedy_only: bool | None = F
     variants of every step shape.
     """
     logits = logits.astype(jnp.float32)
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x = logits if choose is None else choose
+    tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
     if greedy_only is None:
         tokens = jax.lax.cond(jnp.all(p.temperature == 0), lambda: tokens,
-                              lambda: _draw(logits, p, tokens))
+                              lambda: _draw(x, p, tokens))
     elif not greedy_only:
-        tokens = _draw(logits, p, tokens)
+        tokens = _draw(x, p, tokens)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]

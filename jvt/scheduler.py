@@ -58,6 +58,7 @@ class Sequence:
         self.pending = 0
         self.prefix_reused = 0
         self.num_preemptions = 0
+        self.penalty_rows_written = False  # since the sequence got its slot (jvt.runner)
 
     @property
     def num_output(self) -> int:
@@ -288,6 +289,7 @@ class Scheduler:
             if seq.swapped is not None:
                 self._swap_in(seq)
             seq.status = Status.RUNNING
+            seq.penalty_rows_written = False
             self.running.append(seq)
             entries.append(entry)
             budget -= entry.n
@@ -298,14 +300,17 @@ class Scheduler:
         """Give ``seq`` a slot: its owner's retained slot, else a free one (evicting LRU).
 
         A swapped-out sequence gets a free slot and keeps its num_computed: its KV comes back
-        from the host (no retained slot or shared prefix is mapped under it).
+        from the host (no retained slot or shared prefix is mapped under it). A sequence that
+        asks for prompt_logprobs reuses no KV: every prompt position is computed.
         """
+        reuse_kv = seq.params.prompt_logprobs is None
         if seq.swapped is not None:
             return self._take_free_slot(seq)
         for slot, r in self.retained.items():
             if seq.owner is not None and r.owner is seq.owner:
                 del self.retained[slot]
-                reuse = _common_prefix(r.tokens, seq.tokens, len(seq.tokens) - 1)
+                reuse = _common_prefix(r.tokens, seq.tokens, len(seq.tokens) - 1) \
+                    if reuse_kv else 0
                 if reuse >= self.shared_upto[slot]:  # rewriting from there spares shared chunks
                     self.index.truncate(slot, reuse)
                     seq.slot, seq.num_computed, seq.prefix_reused = slot, reuse, reuse
@@ -315,7 +320,7 @@ class Scheduler:
         if not self._take_free_slot(seq):
             return False
         seq.num_computed = 0
-        if self.enable_prefix_sharing:
+        if self.enable_prefix_sharing and reuse_kv:
             src, n = self.index.longest(seq.tokens, len(seq.tokens) - 1, exclude=seq.slot)
             if src is not None:
                 shared = self.store.share(seq.slot, src, n)

@@ -43,6 +43,20 @@ class SamplingParams:
     (0..MAX_LOGPROBS) to return per token besides the chosen token's own. detokenize False
     leaves the output text empty (token ids only, as vLLM's; stop strings need the text):
     the server's engine process runs so, its API process detokenizes.
+
+    Penalties and biases (vLLM's and OpenAI's definitions, applied on the device in this order
+    to the logits that choose the token; the returned logprobs stay those of the raw model
+    distribution): logit_bias (token id -> value in [-100, 100], a dict or (id, value) pairs)
+    is added; until min_tokens tokens are generated the EOS ids (unless ignore_eos) and
+    stop_token_ids are banned and no stop string or stop token ends the output;
+    repetition_penalty (> 0, 1 is off; CTRL / transformers) divides the positive logits and
+    multiplies the negative ones of every token in the prompt or the output so far;
+    frequency_penalty and presence_penalty (in [-2, 2]) subtract their value times the token's
+    count in the output, and once if it occurs there at all. max_tokens 0 ends the request
+    after its prompt (for prompt_logprobs). prompt_logprobs: None, or how many top
+    log-probabilities (0..MAX_LOGPROBS) to return for every prompt position besides the prompt
+    token's own (the first prompt token has none); such a request computes its whole prompt
+    (no KV prefix is reused).
     """
 
     temperature: float = 1.0
@@ -56,6 +70,12 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     detokenize: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -66,7 +86,7 @@ class SamplingParams:
         _check_int("top_k", self.top_k, lo=0, hi=INT32_MAX)
         _check_number("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         _check_number("min_p", self.min_p, lo=0.0, hi=1.0)
-        _check_int("max_tokens", self.max_tokens, lo=1)
+        _check_int("max_tokens", self.max_tokens, lo=0)
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {s!r}")
@@ -83,10 +103,24 @@ class SamplingParams:
         if self.stop and not self.detokenize:
             raise ValueError("SamplingParams.stop needs the output text: stop strings and "
                              "detokenize=False cannot go together")
+        _check_number("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
+        _check_number("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        _check_number("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        _check_int("min_tokens", self.min_tokens, lo=0, hi=self.max_tokens)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the step changes this request's logits before choosing a token."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0 or bool(self.logit_bias)
+                or self.min_tokens > 0)
 
 
 MAX_LOGPROBS = 8  # top log-probabilities the step computes for every sampled token
@@ -99,6 +133,25 @@ def _check_int(name: str, value, *, lo: int, hi: int | None = None) -> None:
     if value < lo or (hi is not None and value > hi):
         allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value}")
+
+
+def _bias_pairs(bias) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, value) pairs, each checked (ids against the vocabulary
+    happen in the engine)."""
+    items = bias.items() if isinstance(bias, dict) else bias
+    try:
+        pairs = [tuple(item) for item in items]
+    except TypeError:
+        pairs = None
+    if pairs is None or any(len(p) != 2 for p in pairs):
+        raise ValueError("SamplingParams.logit_bias must be a dict of token id -> bias or "
+                         f"(token id, bias) pairs, got {bias!r}")
+    for token, value in pairs:
+        _check_int("logit_bias token id", token, lo=0, hi=INT32_MAX)
+        _check_number("logit_bias value", value, lo=-100.0, hi=100.0)
+    if len({t for t, _ in pairs}) != len(pairs):
+        raise ValueError("SamplingParams.logit_bias has a token id twice")
+    return tuple(sorted((int(t), float(v)) for t, v in pairs))
 
 
 def _check_number(name: str, value, *, lo: float, hi: float | None = None,
@@ -154,6 +207,7 @@ class Logprob:
     token_id: int
     logprob: float
     top: dict[int, float]  # up to SamplingParams.logprobs entries: token id -> logprob
+    rank: int | None = None  # the token's rank (1: most likely); set for prompt logprobs
 
 
 FINISH_REASONS = ("stop", "length", "abort", "error")  # error: RequestOutput.error says why
@@ -186,6 +240,8 @@ class RequestOutput:
     metrics: RequestMetrics
     logprobs: list[Logprob] | None = None
     error: str | None = None
+    # SamplingParams.prompt_logprobs: one per prompt token, None for the first
+    prompt_logprobs: list[Logprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -201,3 +257,4 @@ class StreamDelta:
     token_ids: list[int]  # new token ids
     finish_reason: str | None  # set on the last delta
     logprobs: list[Logprob] | None = None  # one per new token id when the request asked
+    prompt_logprobs: list[Logprob | None] | None = None  # on the first delta, when asked

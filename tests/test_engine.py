@@ -173,6 +173,24 @@ def test_tiny_budget_preempts_and_outputs_stay_identical(model, reference, mode,
     assert _in_use(e) == 0
 
 
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_preempted_penalised_requests_keep_their_penalties(model, reference, mode):
+    """A preempted sequence's penalty rows are rewritten when it is re-admitted (possibly into
+    another slot) and its prompt logprobs survive the recompute."""
+    e = jvt.Engine(model, **TINY_BUDGET, preemption_mode=mode)
+    params = SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True,
+                            repetition_penalty=1.3, frequency_penalty=0.2,
+                            logit_bias={7: 2.0}, prompt_logprobs=2)
+    prompts = _prompts(6, seed=4, lo=40, hi=110)
+    outs = e.generate(prompts, params, use_tqdm=False)
+    assert e.stats()["preemptions"] > 0
+    for prompt, out in zip(prompts, outs):
+        ref = reference(prompt, params)
+        assert out.token_ids == ref.token_ids
+        assert [lp and (lp.token_id, lp.rank) for lp in out.prompt_logprobs] == \
+            [lp and (lp.token_id, lp.rank) for lp in ref.prompt_logprobs]
+
+
 def test_abort_of_a_swapped_out_request_frees_its_host_bytes(model, reference):
     e = jvt.Engine(model, **TINY_BUDGET, preemption_mode="swap")
     prompts = _prompts(6, seed=4, lo=40, hi=110)

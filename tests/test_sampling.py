@@ -97,7 +97,7 @@ def test_same_seed_same_counter_reproduces_and_counter_varies():
 
 @pytest.mark.parametrize("kwargs, field", [
     ({"temperature": -0.1}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"), ({"min_p": 2.0}, "min_p"), ({"max_tokens": 0}, "max_tokens"),
+    ({"top_p": 1.5}, "top_p"), ({"min_p": 2.0}, "min_p"), ({"max_tokens": -1}, "max_tokens"),
     ({"stop": [""]}, "stop"), ({"seed": -3}, "seed"), ({"logprobs": MAX_LOGPROBS + 1}, "logprobs"),
     ({"temperature": "hot"}, "temperature"), ({"max_tokens": 2.5}, "max_tokens"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"ignore_eos": 1}, "ignore_eos"),
