@@ -76,8 +76,9 @@ class OutputText:
             return False
         shown = self.text + self.detokenizer.pending  # the full decode of the output so far
         for stop in self.stop:
-            # The new token may also complete a character held as U+FFFD: look a bit back.
-            at = shown.find(stop, max(0, before - len(stop) - 4))
+            # A match ends in what is new: text[:before] is settled and was searched (or came
+            # before min_tokens); what was held back (pending) starts at ``before``.
+            at = shown.find(stop, max(0, before - len(stop) + 1))
             if at >= 0:
                 self.text = shown[:at]
                 return True

@@ -505,8 +505,8 @@ class Engine:
             raise ValueError(f"{name} has token ids outside [0, {vocab}): {bad[:5]}")
         bad = [t for t, _ in params.logit_bias if t >= vocab]
         if bad:
-            raise ValueError(f"logit_bias for {name} has token ids outside [0, {vocab}): "
-                             f"{bad[:5]}")
+            raise ValueError(f"SamplingParams.logit_bias for {name} has token ids outside "
+                             f"[0, {vocab}): {bad[:5]}")
         limit = self.config.max_model_len
         if len(ids) >= limit:
             raise ValueError(f"{name} has {len(ids)} tokens; max_model_len={limit} leaves room "

@@ -113,9 +113,11 @@ def test_engine_runs_in_its_own_process(server):
 def test_bad_request_never_reaches_the_engine(server):
     with server.http() as c:
         received = c.get("/engine/stats").json()["requests_received"]
-        bad = [{"prompt": "hi", "max_tokens": 0}, {"prompt": "hi", "top_p": 2},
+        bad = [{"prompt": "hi", "max_tokens": -1}, {"prompt": "hi", "top_p": 2},
                {"prompt": "hi", "frobnicate": 1}, {"prompt": [1, 2**40]},
-               {"prompt": "hi", "presence_penalty": 0.5}]
+               {"prompt": "hi", "presence_penalty": 2.5},
+               {"prompt": "hi", "max_tokens": 2, "min_tokens": 3},
+               {"prompt": "hi", "logit_bias": {"x": 1}}]
         for body in bad:
             assert c.post("/v1/completions", json=body).status_code == 400, body
         assert c.post("/v1/chat/completions", json={"messages": []}).status_code == 400
@@ -249,5 +251,26 @@ def test_outputs_equal_the_in_process_engine(server):
                 events = sse_events(c.post("/v1/completions",
                                            json={**body, "stop": stop, "stream": True}))
                 assert "".join(e["choices"][0]["text"] for e in events[:-1]) == stopped.text
+            # penalties, biases, min_tokens and prompt logprobs cross the process boundary
+            penalised = {"frequency_penalty": 0.7, "presence_penalty": 0.3,
+                         "repetition_penalty": 1.4, "logit_bias": {ref.token_ids[1]: -100,
+                                                                   ord("e"): 3.5}}
+            ref = engine.generate("Once upon", jvt.SamplingParams(
+                temperature=0.0, max_tokens=30, min_tokens=20, prompt_logprobs=2, logprobs=0,
+                **penalised), use_tqdm=False)[0]
+            bias = {str(t): v for t, v in penalised["logit_bias"].items()}
+            r = c.post("/v1/completions", json={
+                "prompt": "Once upon", "max_tokens": 30, "temperature": 0, "min_tokens": 20,
+                "prompt_logprobs": 2, "logprobs": 0, **penalised, "logit_bias": bias}).json()
+            choice = r["choices"][0]
+            assert choice["text"] == ref.text and r["usage"]["completion_tokens"] == len(
+                ref.token_ids) >= 20
+            assert choice["logprobs"]["token_logprobs"] == pytest.approx(
+                [lp.logprob for lp in ref.logprobs], abs=1e-5)
+            for got, want in zip(choice["prompt_logprobs"][1:], ref.prompt_logprobs[1:]):
+                assert got[str(want.token_id)]["logprob"] == pytest.approx(want.logprob,
+                                                                           abs=1e-5)
+                assert got[str(want.token_id)]["rank"] == want.rank
+                assert {int(t) for t in got} == {want.token_id, *want.top}
     finally:
         engine.close()

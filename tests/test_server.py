@@ -5,6 +5,7 @@ engine-failure path in process with a stand-in engine whose step raises."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from types import SimpleNamespace
@@ -183,6 +184,135 @@ def test_completion_logprobs(client):
     assert [t for s in streamed for t in s.text_offset] == lp.text_offset
 
 
+def repeats(tokens: list) -> int:
+    return len(tokens) - len(set(tokens))
+
+
+def test_penalties_change_a_repetitive_continuation(client):
+    kw = greedy(model="tiny", prompt="ab ab ab ab", max_tokens=32, logprobs=0,
+                extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw).choices[0].logprobs.tokens
+    assert repeats(plain) >= 8, plain  # the random tiny model loops
+    # (the tokens' texts: bytes >= 128 all show as U+FFFD, so the counts are upper bounds;
+    # test_engine_process compares the exact tokens with the in-process engine)
+    for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0},
+                  {"extra_body": {"ignore_eos": True, "repetition_penalty": 3.0}}):
+        out = client.completions.create(**{**kw, **extra}).choices[0].logprobs.tokens
+        assert repeats(out) < repeats(plain), (extra, plain, out)
+    # the first token is chosen before any output exists: only repetition_penalty (over the
+    # prompt too) can change it
+    freq = client.completions.create(**kw, frequency_penalty=2.0).choices[0].logprobs.tokens
+    assert freq[0] == plain[0]
+
+
+def test_logit_bias_bans_and_forces(client):
+    kw = greedy(model="tiny", prompt="Bias", max_tokens=16, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw).choices[0].text
+    banned = plain[0]
+    assert banned.isascii(), plain
+    out = client.completions.create(**kw, logit_bias={str(ord(banned)): -100})
+    assert banned not in out.choices[0].text and out.usage.completion_tokens == 16, out
+    forced = client.completions.create(**kw, logit_bias={str(ord("Z")): 100}).choices[0].text
+    assert forced == "Z" * 16
+    sampled = client.completions.create(**{**kw, "temperature": 1.0, "seed": 3},
+                                        logit_bias={str(ord("Z")): 100})
+    assert sampled.choices[0].text == "Z" * 16
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5,
+                                          logit_bias={str(ord("q")): 100})
+    assert chat.choices[0].message.content == "qqqqq"
+
+
+def test_min_tokens_holds_back_eos_and_stops(client):
+    eos = TOK.eos_ids[0]
+    kw = greedy(model="tiny", prompt="End", max_tokens=12, logit_bias={str(eos): 100})
+    assert client.completions.create(**kw).usage.completion_tokens == 1  # EOS right away
+    out = client.completions.create(**kw, extra_body={"min_tokens": 5})
+    assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == 6
+    assert len(out.choices[0].text) == 5
+    stop = client.completions.create(**greedy(model="tiny", prompt="End", max_tokens=12,
+                                              logit_bias={str(ord("y")): 100}, stop="y",
+                                              extra_body={"min_tokens": 3}))
+    assert stop.choices[0].text == "yy" and stop.choices[0].finish_reason == "stop"
+
+
+def test_echo_logprobs_score_the_prompt(client):
+    prompt = "The cat sat on the mat"
+    ids = TOK.encode(prompt, add_bos=True)
+    kw = greedy(model="tiny", prompt=prompt, echo=True, logprobs=2)
+    scored = client.completions.create(**kw, max_tokens=0)
+    (choice,) = scored.choices
+    assert choice.text == prompt and scored.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids)
+    assert lp.tokens[1:] == list(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for token, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert value <= 0.0 and top[token] == value and 1 <= len(top) <= 3
+        assert max(top.values()) >= value
+    # a prompt token's logprob is the logprob the model gives it as a continuation (forced
+    # by logit_bias: the logprobs returned are those of the model, before the bias)
+    gen = client.completions.create(**greedy(model="tiny", prompt=prompt[:-3], max_tokens=1,
+                                             logprobs=0, logit_bias={str(ids[-3]): 100},
+                                             extra_body={"ignore_eos": True}))
+    assert gen.choices[0].text == prompt[-3]
+    assert gen.choices[0].logprobs.token_logprobs[0] == pytest.approx(
+        lp.token_logprobs[len(ids) - 3], abs=1e-4)
+    # with generation: the prompt's entries, then the generated tokens', as one list
+    more = client.completions.create(**kw, max_tokens=4, extra_body={"ignore_eos": True})
+    mlp = more.choices[0].logprobs
+    assert len(mlp.tokens) == len(ids) + 4 and mlp.tokens[:len(ids)] == lp.tokens
+    assert mlp.token_logprobs[1:len(ids)] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+    assert mlp.text_offset == [sum(len(t) for t in mlp.tokens[:i])
+                               for i in range(len(mlp.tokens))]
+    chunks = list(client.completions.create(**kw, max_tokens=4, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == more.choices[0].text
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    assert [t for s in streamed for t in s.tokens] == mlp.tokens
+    assert [t for s in streamed for t in s.text_offset] == mlp.text_offset
+
+
+def test_vllm_prompt_logprobs(http):
+    prompt = "Hello there"
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 3}
+    out = http.post("/v1/completions", json=body).json()
+    plps = out["choices"][0]["prompt_logprobs"]
+    ids = TOK.encode(prompt, add_bos=True)
+    assert len(plps) == len(ids) and plps[0] is None
+    echo = http.post("/v1/completions", json={**body, "prompt_logprobs": None, "echo": True,
+                                              "logprobs": 0, "max_tokens": 0}).json()
+    values = echo["choices"][0]["logprobs"]["token_logprobs"]
+    for token, entry, value in zip(ids[1:], plps[1:], values[1:]):
+        own = entry[str(token)]
+        assert own["decoded_token"] == chr(token) and own["logprob"] == pytest.approx(value)
+        ranked = sorted(entry.values(), key=lambda e: e["rank"])
+        if len(entry) == 3:  # the prompt token is one of the top 3
+            assert [e["rank"] for e in ranked] == [1, 2, 3]
+        else:
+            assert [e["rank"] for e in ranked] == [1, 2, 3, own["rank"]] and own["rank"] >= 4
+        assert all(a["logprob"] >= b["logprob"] for a, b in itertools.pairwise(ranked))
+    assert "prompt_logprobs" not in http.post("/v1/completions", json={
+        **body, "prompt_logprobs": None}).json()["choices"][0]
+    chat = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1,
+                                                   "prompt_logprobs": 0}).json()
+    chat_ids = TOK.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    assert len(chat["prompt_logprobs"]) == len(chat_ids) and chat["prompt_logprobs"][0] is None
+    assert all(len(e) == 1 and e[str(t)]["rank"] >= 1
+               for t, e in zip(chat_ids[1:], chat["prompt_logprobs"][1:]))
+    events = sse_lines(http, "/v1/chat/completions", {
+        "messages": MESSAGES, "max_tokens": 2, "prompt_logprobs": 0, "stream": True})
+    assert events[0]["prompt_logprobs"] == chat["prompt_logprobs"]
+    assert all("prompt_logprobs" not in e for e in events[1:])
+
+
+def sse_lines(http, route: str, body: dict) -> list[dict]:
+    r = http.post(route, json=body)
+    assert r.status_code == 200, r.text
+    data = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
 PROMPTS = ("Stop here", "Once upon a time", "abc", "The quick brown fox", "1 2 3", "Hi")
 
 
@@ -306,24 +436,27 @@ def test_fields_without_effect_are_accepted_and_change_nothing(http, route, extr
 
 
 REFUSED_FIELDS = [  # (route, extra fields, param): each would change the output
-    ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
-    ("/v1/completions", {"frequency_penalty": -1}, "frequency_penalty"),
-    ("/v1/chat/completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
-    ("/v1/completions", {"logit_bias": {"65": 100}}, "logit_bias"),
-    ("/v1/chat/completions", {"min_tokens": 4}, "min_tokens"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]},
      "tools"),
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
     ("/v1/completions", {"suffix": "END"}, "suffix"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
-    ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
     ("/v1/completions", {"temprature": 0.0}, "temprature"),
-    ("/v1/completions", {"guided_json": {"type": "object"}}, "guided_json"),
     ("/v1/chat/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
      "stream_options"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]},
      "messages"),
+    # vLLM's and other servers' sampling extensions this server does not implement
+    *[(route, {field: value}, field) for route in ("/v1/completions", "/v1/chat/completions")
+      for field, value in {
+          "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["a"],
+          "structured_outputs": {"regex": "a+"}, "bad_words": ["x"], "allowed_token_ids": [1],
+          "use_beam_search": True, "length_penalty": 0.5, "include_stop_str_in_output": True,
+          "skip_special_tokens": False, "truncate_prompt_tokens": 4, "typical_p": 0.5,
+          "top_a": 0.1, "mirostat": 2, "logits_processors": ["x"], "dry_multiplier": 0.8,
+          "xtc_probability": 0.5, "grammar": "root ::= \"a\"", "n_probs": 2,
+          "spaces_between_special_tokens": False, "prompt_cache": True}.items()],
 ]
 
 
@@ -388,7 +521,8 @@ COMPLETION = {"model": "tiny", "prompt": "Hello", "max_tokens": 2}
 CHAT = {"model": "tiny", "messages": MESSAGES, "max_tokens": 2}
 BAD_REQUESTS = [  # (route, body, param)
     ("/v1/completions", {**COMPLETION, "max_tokens": "ten"}, "max_tokens"),
-    ("/v1/completions", {**COMPLETION, "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": -1}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {**COMPLETION, "temperature": -1.0}, "temperature"),
     ("/v1/completions", {**COMPLETION, "temperature": "hot"}, "temperature"),
     ("/v1/completions", {**COMPLETION, "top_p": 0.0}, "top_p"),
@@ -397,7 +531,15 @@ BAD_REQUESTS = [  # (route, body, param)
     ("/v1/completions", {**COMPLETION, "logprobs": 9}, "logprobs"),
     ("/v1/completions", {**COMPLETION, "seed": -1}, "seed"),
     ("/v1/completions", {**COMPLETION, "stop": [""]}, "stop"),
-    ("/v1/completions", {**COMPLETION, "echo": True, "logprobs": 1}, None),
+    *[(route, {**body, field: value}, field)
+      for route, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT))
+      for field, value in (
+          ("presence_penalty", 2.5), ("presence_penalty", "high"), ("frequency_penalty", -2.01),
+          ("frequency_penalty", None), ("repetition_penalty", 0), ("repetition_penalty", -1.0),
+          ("logit_bias", {"abc": 5}), ("logit_bias", {"-1": 5}), ("logit_bias", {"65": 101}),
+          ("logit_bias", {"65": "up"}), ("logit_bias", [65, 1]), ("logit_bias", {"10000": 1}),
+          ("min_tokens", -1), ("min_tokens", 3), ("min_tokens", 1.5), ("prompt_logprobs", 9),
+          ("prompt_logprobs", -1), ("prompt_logprobs", True))],
     ("/v1/completions", {**COMPLETION, "prompt": 5}, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt"),

@@ -281,25 +281,30 @@ class _Output:
         self.tokens = prompt_ids  # prompt then output ids
         self.num_prompt = len(prompt_ids)
         self.text = OutputText(tokenizer, self.num_prompt, params.stop)
+        self.min_tokens = params.min_tokens
         self.logprobs = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list | None = None
         self.metrics = RequestMetrics(arrival, prompt_tokens=self.num_prompt)
         self.done = False
 
     def take(self, index: int, now: float, token_ids: list[int], logprobs: list | None,
-             finish: str | None, error: str | None, metrics: list
-             ) -> tuple[Update | None, bool]:
+             finish: str | None, error: str | None, metrics: list,
+             prompt_logprobs: list | None) -> tuple[Update | None, bool]:
         """(the update of one engine record or None, whether a stop string ended the output
         here while the engine goes on). Tokens after a stop string are dropped."""
         if self.done:
             return None, False
         m = self.metrics
         m.scheduled_time, m.prefix_tokens_reused, m.num_preemptions = metrics
+        plps = None
+        if prompt_logprobs is not None:
+            plps = self.prompt_logprobs = wire.prompt_logprobs_from_wire(prompt_logprobs)
         new, stopped = [], False
         for token in token_ids:
             self.tokens.append(token)
             m.token_times.append(now)
             new.append(token)
-            if self.text.add(self.tokens):
+            if self.text.add(self.tokens, len(self.tokens) - self.num_prompt >= self.min_tokens):
                 stopped = True
                 break
         lps = None
@@ -310,7 +315,7 @@ class _Output:
         if reason is not None and not stopped and reason != "error":
             self.text.finish(self.tokens)
         text = self.text.take(reason is not None)
-        if reason is None and not new and not text:
+        if reason is None and not new and not text and plps is None:
             return None, False
         output = None
         if reason is not None:
@@ -318,6 +323,6 @@ class _Output:
             m.finished_time = now
             output = RequestOutput(self.request_id, None, self.tokens[:self.num_prompt],
                                    self.text.text, self.tokens[self.num_prompt:], reason,
-                                   self.metrics, self.logprobs, error)
-        delta = StreamDelta(self.request_id, text, new, reason, lps)
+                                   self.metrics, self.logprobs, error, self.prompt_logprobs)
+        delta = StreamDelta(self.request_id, text, new, reason, lps, plps)
         return Update(index, delta, output), stopped and finish is None

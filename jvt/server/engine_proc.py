@@ -96,7 +96,9 @@ class _Port:
             records.append([sub.sid, u.index, d.token_ids,
                             None if d.logprobs is None else wire.logprobs_to_wire(d.logprobs),
                             d.finish_reason, req.error,
-                            [req.metrics.scheduled_time, seq.prefix_reused, seq.num_preemptions]])
+                            [req.metrics.scheduled_time, seq.prefix_reused, seq.num_preemptions],
+                            None if d.prompt_logprobs is None
+                            else wire.prompt_logprobs_to_wire(d.prompt_logprobs)])
         if records or stats is not None or self.accepts or self.answers:
             self.tx.send(wire.encode(["step", self.accepts, records, stats, self.answers]))
             self.accepts, self.answers = [], []

@@ -34,9 +34,14 @@ def error_body(status: int, message: str, param: str | None = None) -> ErrorResp
                                          param=param, code=status))
 
 
+def sampling_field(message: str) -> str | None:
+    """The SamplingParams field an error message of the engine names, if any."""
+    m = _SAMPLING_FIELD.search(message)
+    return m and m.group(1)
+
+
 def bad_sampling_params(e: ValueError, renames: dict[str, str] | None = None) -> APIError:
     """400 for a ValueError of jvt.SamplingParams; param is the field its message names,
     through ``renames`` where the request calls it otherwise (chat's top_logprobs)."""
-    m = _SAMPLING_FIELD.search(str(e))
-    param = m and m.group(1)
+    param = sampling_field(str(e))
     return APIError(400, str(e), (renames or {}).get(param, param))

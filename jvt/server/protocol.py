@@ -5,10 +5,11 @@ OpenAPI schema shows them). Requests are validated strictly (no string-to-number
 integers within what the step's int32 arrays hold, floats finite, strings valid Unicode (no
 lone surrogates). Nothing is silently ignored: an unknown field is a 400 naming it, and a
 field of OpenAI's or vLLM's API that this server does not implement is accepted only with its
-no-effect value (``presence_penalty: 0``, ``logit_bias: {}``, ``tools: []``, ...; see
-``_inert``), a 400 naming it otherwise. Fields that change nothing about the output (``user``,
-``metadata``, ``store``, ``service_tier``) are accepted. ``jvt.SamplingParams`` checks the
-sampling ranges once more.
+no-effect value (``response_format: {"type": "text"}``, ``tools: []``, ``suffix: ""``, ...;
+see ``_inert``), a 400 naming it otherwise. Fields that change nothing about the output
+(``user``, ``metadata``, ``store``, ``service_tier``) are accepted. ``jvt.SamplingParams``
+checks the sampling ranges once more (and the relations between fields: min_tokens <=
+max_tokens).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Annotated, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -66,6 +68,19 @@ TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Count = Annotated[int, Field(ge=1, le=INT32_MAX)]  # max_tokens and its aliases
 
 
+def _token_key(value):
+    """A logit_bias key: JSON object keys are strings, so "65" stands for token id 65."""
+    if isinstance(value, str):
+        if not value.isdecimal():
+            raise ValueError(f"keys must be token ids written as decimal strings, got {value!r}")
+        return int(value)
+    return value
+
+
+TokenKey = Annotated[TokenId, BeforeValidator(_token_key)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -94,19 +109,22 @@ class _SamplingRequest(_Request):
     metadata: dict[Text, Text] | None = None
     store: bool | None = None
     service_tier: Text | None = None
-    # Not implemented: accepted only with their no-effect values.
-    presence_penalty: Annotated[float | None, _inert(0.0)] = None
-    frequency_penalty: Annotated[float | None, _inert(0.0)] = None
-    repetition_penalty: Annotated[float | None, _inert(1.0)] = None
-    logit_bias: Annotated[dict[Text, float] | None, _inert({})] = None
-    min_tokens: Annotated[int | None, _inert(0)] = None
+    # Penalties and biases (jvt.SamplingParams says how they act); the last three are vLLM's.
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    logit_bias: dict[TokenKey, Bias] | None = None  # token id -> added to its logit
+    repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)  # 1: off
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)  # no EOS / stop before this many tokens
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top-k per prompt token
+    # Not implemented: accepted only with its no-effect value.
     response_format: Annotated[dict[Text, Text] | None, _inert({"type": "text"})] = None
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def _sampling_params(self, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
+    def _sampling_params(self, max_tokens: int, logprobs: int | None,
+                         prompt_logprobs: int | None) -> list[SamplingParams]:
         """One SamplingParams per choice (ValueError from SamplingParams for bad ranges)."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         base = {
@@ -116,7 +134,11 @@ class _SamplingRequest(_Request):
             "min_p": 0.0 if self.min_p is None else self.min_p,
             "max_tokens": max_tokens, "stop": stop,
             "stop_token_ids": tuple(self.stop_token_ids or ()), "ignore_eos": self.ignore_eos,
-            "logprobs": logprobs}
+            "logprobs": logprobs, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": self.logit_bias or {}, "min_tokens": self.min_tokens,
+            "prompt_logprobs": prompt_logprobs}
         if self.seed is None:
             return [SamplingParams(**base)] * self.n
         return [SamplingParams(**base, seed=(self.seed + i) % 2**32) for i in range(self.n)]
@@ -148,18 +170,12 @@ class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
     prompt: Prompt
-    max_tokens: Count | None = DEFAULT_COMPLETION_MAX_TOKENS  # null: up to max_model_len
+    # null: up to max_model_len; 0: the prompt only (its logprobs with echo)
+    max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = DEFAULT_COMPLETION_MAX_TOKENS
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top alternatives per token
-    echo: bool = False  # prepend the prompt to the returned text
+    echo: bool = False  # prepend the prompt to the text (with logprobs: the prompt's too)
     suffix: Annotated[Text | None, _inert("")] = None
     best_of: int | None = None  # only best_of == n (no effect)
-    prompt_logprobs: Annotated[int | None, _inert()] = None  # vLLM's; not implemented
-
-    @model_validator(mode="after")
-    def _echo_without_logprobs(self):
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs is not supported (no prompt logprobs)")
-        return self
 
     @field_validator("best_of")
     @classmethod
@@ -185,7 +201,15 @@ class CompletionRequest(_SamplingRequest):
 
     def sampling_params(self, max_model_len: int) -> list[SamplingParams]:
         max_tokens = max_model_len if self.max_tokens is None else self.max_tokens
-        return self._sampling_params(max_tokens, self.logprobs)
+        return self._sampling_params(max_tokens, self.logprobs, self.scored_prompt)
+
+    @property
+    def scored_prompt(self) -> int | None:
+        """The top-k of the prompt logprobs to compute: prompt_logprobs, else with echo the
+        logprobs' (OpenAI's legacy echo + logprobs), else None."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
 
 
 class TextPart(_Request):
@@ -229,7 +253,7 @@ class ChatCompletionRequest(_SamplingRequest):
         max_tokens = next((m for m in (self.max_completion_tokens, self.max_tokens)
                            if m is not None), max_model_len)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs)
+        return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs)
 
 
 def _tokenize_form(value) -> str:
@@ -290,12 +314,24 @@ class UsageInfo(_Response):
 
 
 class CompletionLogProbs(_Response):
-    """The legacy completions logprobs: parallel lists, one entry per generated token."""
+    """The legacy completions logprobs: parallel lists, one entry per token (with echo the
+    prompt's tokens first, the very first one's logprob and top_logprobs null)."""
 
     text_offset: list[int]  # where each token's text starts in the choice's text
-    token_logprobs: list[float]
+    token_logprobs: list[float | None]
     tokens: list[str]
-    top_logprobs: list[dict[str, float]]  # the chosen token and the top alternatives
+    top_logprobs: list[dict[str, float] | None]  # the token itself and the top alternatives
+
+
+class PromptLogprob(_Response):
+    """vLLM's prompt_logprobs entry of one token."""
+
+    logprob: float
+    rank: int  # 1: the most likely token at that position
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]  # per prompt token (the first: null)
 
 
 class CompletionChoice(_Response):
@@ -303,6 +339,7 @@ class CompletionChoice(_Response):
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None  # "stop", "length", or "abort" (server shutdown)
+    prompt_logprobs: PromptLogprobs | None = _omitted_if_none()  # when the request asked
 
 
 class CompletionResponse(_Response):
@@ -347,6 +384,7 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = _omitted_if_none()  # when the request asked
 
 
 class ChatDelta(_Response):
@@ -368,6 +406,7 @@ class ChatCompletionChunk(_Response):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = _omitted_if_none()
+    prompt_logprobs: PromptLogprobs | None = _omitted_if_none()  # on the first chunk, if asked
 
 
 class ModelCard(_Response):

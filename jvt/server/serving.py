@@ -25,9 +25,9 @@ from jvt.server.bridge import (
     Submission,
     Update,
 )
-from jvt.server.errors import APIError, error_body
-from jvt.server.protocol import UsageInfo
-from jvt.types import RequestOutput, SamplingParams, StreamDelta
+from jvt.server.errors import APIError, error_body, sampling_field
+from jvt.server.protocol import PromptLogprob, PromptLogprobs, UsageInfo
+from jvt.types import Logprob, RequestOutput, SamplingParams, StreamDelta
 
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
 LOGPROB_FLOOR = -9999.0  # stands for -inf, which JSON cannot carry (vLLM's choice)
@@ -111,8 +111,8 @@ def _merge(items: list) -> list:
         a, b = prev.delta, item.delta
         logprobs = None if a.logprobs is None else a.logprobs + (b.logprobs or [])
         merged[item.index] = Update(item.index, StreamDelta(
-            b.request_id, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, logprobs),
-            item.output)
+            b.request_id, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, logprobs,
+            a.prompt_logprobs or b.prompt_logprobs), item.output)
     return list(merged.values())
 
 
@@ -209,8 +209,8 @@ class ServingContext:
                      item_name=None) -> Generation:
         """Queue ``items`` in the engine; the Generation once the engine has accepted all.
 
-        Errors: 400 when the engine rejects an item (``param`` names the field;
-        ``item_name(i)`` the item in the message), 503 (Retry-After) when the queue is full,
+        Errors: 400 when the engine rejects an item (``param`` names the field unless the
+        message names a SamplingParams field; ``item_name(i)`` the item in the message), 503 (Retry-After) when the queue is full,
         500 when the engine is dead or failed to admit the request.
         """
         try:
@@ -232,7 +232,7 @@ class ServingContext:
         error = accepted.exception()
         if isinstance(error, InvalidRequestError):
             where = f"{item_name(error.index)}: " if item_name and len(items) > 1 else ""
-            raise APIError(400, where + str(error), param) from None
+            raise APIError(400, where + str(error), sampling_field(str(error)) or param) from None
         if error is not None:
             raise APIError(500, str(error)) from None
         return Generation(self.bridge, sub)
@@ -267,6 +267,25 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+
+
+def prompt_logprobs(lps: list[Logprob | None] | None, decode) -> PromptLogprobs | None:
+    """vLLM's prompt_logprobs: per prompt token (the first: None) the token's own entry, then
+    its top alternatives (``decode``: token ids -> text)."""
+    if lps is None:
+        return None
+
+    def entry(token: int, logprob: float, rank: int) -> PromptLogprob:
+        return PromptLogprob(logprob=max(logprob, LOGPROB_FLOOR), rank=rank,
+                             decoded_token=decode([token]))
+
+    out: PromptLogprobs = [None]
+    for lp in lps[1:]:
+        tokens = {lp.token_id: entry(lp.token_id, lp.logprob, lp.rank)}
+        for rank, (t, v) in enumerate(lp.top.items(), 1):
+            tokens.setdefault(t, entry(t, v, rank))
+        out.append(tokens)
+    return out
 
 
 def usage(outs: list[RequestOutput], n: int) -> UsageInfo:

@@ -30,6 +30,7 @@ from jvt.server.serving import (
     Generation,
     ServingContext,
     json_response,
+    prompt_logprobs,
     sse,
     sse_error,
     usage,
@@ -67,10 +68,13 @@ class ChatServing:
                               logprobs=self._logprobs(out.logprobs),
                               finish_reason=out.finish_reason)
                    for i, out in enumerate(outs)]
-        body = ChatCompletionResponse(**head, choices=choices, usage=usage(outs, req.n))
+        body = ChatCompletionResponse(
+            **head, choices=choices, usage=usage(outs, req.n),
+            prompt_logprobs=prompt_logprobs(outs[0].prompt_logprobs, ctx.tokenizer.decode))
         return json_response(body)
 
     async def _stream(self, gen: Generation, head: dict, n: int, include_usage: bool):
+        """The first role chunk carries prompt_logprobs when the request asked."""
         started = [False] * n
         outs: list[RequestOutput | None] = [None] * n
         try:
@@ -78,9 +82,11 @@ class ChatServing:
                 i, d = u.index, u.delta
                 if not started[i]:  # with the first token: a role chunk before prefill
                     started[i] = True  # would make the client's TTFT lie
-                    yield self._chunk(head, ChatStreamChoice(
-                        index=i, delta=ChatDelta(role="assistant", content=""), logprobs=None,
-                        finish_reason=None))
+                    plps = None if any(started[:i] + started[i + 1:]) else prompt_logprobs(
+                        d.prompt_logprobs, self.ctx.tokenizer.decode)
+                    yield sse(ChatCompletionChunk(**head, prompt_logprobs=plps, choices=[
+                        ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""),
+                                         logprobs=None, finish_reason=None)]))
                 lp = self._logprobs(d.logprobs)
                 if u.output is not None:
                     outs[i] = u.output

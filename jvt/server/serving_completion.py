@@ -23,6 +23,7 @@ from jvt.server.serving import (
     Generation,
     ServingContext,
     json_response,
+    prompt_logprobs,
     sse,
     sse_error,
     usage,
@@ -63,58 +64,92 @@ class CompletionServing:
                 for p in prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
         if req.stream:
-            return EventStream(self._stream(gen, head, echo, n, req.include_usage))
+            return EventStream(self._stream(gen, head, echo, req))
         outs = await gen.outputs(raw)
         if outs is None:
             return Response(status_code=499)  # the client has gone
         choices = []
         for i, out in enumerate(outs):
             prefix = echo[i // n]
-            lp = None if out.logprobs is None else self._logprobs(out.logprobs, len(prefix))
-            choices.append(CompletionChoice(index=i, text=prefix + out.text, logprobs=lp,
-                                            finish_reason=out.finish_reason))
+            head_lp = self._echoed(req, out.prompt_logprobs)
+            lp = None if out.logprobs is None else self._logprobs(out.logprobs, len(prefix),
+                                                                  head_lp)
+            choices.append(CompletionChoice(
+                index=i, text=prefix + out.text, logprobs=lp, finish_reason=out.finish_reason,
+                prompt_logprobs=self._vllm_prompt_logprobs(req, out.prompt_logprobs)))
         body = CompletionResponse(**head, choices=choices, usage=usage(outs, n))
         return json_response(body)
 
-    async def _stream(self, gen: Generation, head: dict, echo: list[str], n: int,
-                      include_usage: bool):
+    async def _stream(self, gen: Generation, head: dict, echo: list[str],
+                      req: CompletionRequest):
+        """Each choice's first chunk carries its echo (and with logprobs, the prompt's) and
+        prompt_logprobs when asked."""
+        n = req.n
         count = len(echo) * n
         offsets = [len(echo[i // n]) for i in range(count)]  # text_offset of the next token
         started = [False] * count
+        prompt_lps: list = [None] * count  # arrived with the first delta, not yet sent
         outs: list[RequestOutput | None] = [None] * count
         try:
             async for u in gen.updates():
                 i, d = u.index, u.delta
-                text = d.text if started[i] else echo[i // n] + d.text
+                if d.prompt_logprobs is not None:
+                    prompt_lps[i] = d.prompt_logprobs
+                first = not started[i]
+                text = echo[i // n] + d.text if first else d.text
                 lp = None
                 if d.logprobs is not None:
-                    lp = self._logprobs(d.logprobs, offsets[i])
-                    offsets[i] += sum(map(len, lp.tokens))
+                    lp = self._logprobs(d.logprobs, offsets[i],
+                                        self._echoed(req, prompt_lps[i]) if first else None)
+                    offsets[i] += sum(map(len, lp.tokens[len(lp.tokens) - len(d.logprobs):]))
                 if u.output is not None:
                     outs[i] = u.output
                 if not text and not (lp and lp.tokens) and d.finish_reason is None:
                     continue  # nothing settled yet (text held back)
                 started[i] = True
-                choice = CompletionChoice(index=i, text=text, logprobs=lp,
-                                          finish_reason=d.finish_reason)
+                choice = CompletionChoice(
+                    index=i, text=text, logprobs=lp, finish_reason=d.finish_reason,
+                    prompt_logprobs=self._vllm_prompt_logprobs(req, prompt_lps[i])
+                    if first else None)
                 yield sse(CompletionResponse(**head, choices=[choice]))
-            if include_usage:
+            if req.include_usage:
                 yield sse(CompletionResponse(**head, choices=[], usage=usage(outs, n)))
         except (EngineDeadError, RequestFailedError) as e:
             yield sse_error(e)
         yield SSE_DONE
 
-    def _logprobs(self, lps: list[Logprob], offset: int) -> CompletionLogProbs:
-        """The legacy shape; top_logprobs holds the chosen token too (as vLLM's)."""
+    def _vllm_prompt_logprobs(self, req: CompletionRequest, lps: list[Logprob | None] | None):
+        if req.prompt_logprobs is None:
+            return None
+        return prompt_logprobs(lps, self.ctx.tokenizer.decode)
+
+    def _echoed(self, req: CompletionRequest, lps: list[Logprob | None] | None
+                ) -> CompletionLogProbs | None:
+        """The prompt's part of the legacy logprobs (echo with logprobs): its first token's
+        logprob and top_logprobs are null, the others have the request's top-k."""
+        if not req.echo or req.logprobs is None or lps is None:
+            return None
         decode = self.ctx.tokenizer.decode
-        out = CompletionLogProbs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
+        first = decode([lps[0].token_id]) if lps[0] is not None else None
+        return self._logprobs(lps[1:], len(first or ""), CompletionLogProbs(
+            text_offset=[0], token_logprobs=[None], tokens=[first or ""], top_logprobs=[None]),
+            top_k=req.logprobs)
+
+    def _logprobs(self, lps: list[Logprob], offset: int, head: CompletionLogProbs | None = None,
+                  top_k: int | None = None) -> CompletionLogProbs:
+        """The legacy shape, after ``head`` (the echoed prompt's); top_logprobs holds the token
+        itself too (as vLLM's); top_k: how many alternatives to show (None: all there are)."""
+        decode = self.ctx.tokenizer.decode
+        out = head or CompletionLogProbs(text_offset=[], token_logprobs=[], tokens=[],
+                                         top_logprobs=[])
         for lp in lps:
             token = decode([lp.token_id])
             out.text_offset.append(offset)
             offset += len(token)
             out.tokens.append(token)
             out.token_logprobs.append(max(lp.logprob, LOGPROB_FLOOR))
-            top = {decode([t]): max(v, LOGPROB_FLOOR) for t, v in lp.top.items()}
+            top = {decode([t]): max(v, LOGPROB_FLOOR)
+                   for t, v in list(lp.top.items())[:top_k]}
             top[token] = max(lp.logprob, LOGPROB_FLOOR)
             out.top_logprobs.append(top)
         return out

@@ -16,10 +16,11 @@ Engine process -> API process:
                                               bad options (ValueError), "error" otherwise
   ["step", accepts, records, stats, answers]  what one engine step produced:
     accepts: [sid, None] | [sid, "invalid", index, message] | [sid, "failed", message]
-    records: [sid, index, token_ids, logprobs, finish_reason, error, metrics] per request with
-             new output; logprobs None or ``logprobs_to_wire``; metrics [scheduled_time or
-             None (time.perf_counter, the same monotonic clock in both processes),
-             prefix_tokens_reused, num_preemptions]
+    records: [sid, index, token_ids, logprobs, finish_reason, error, metrics,
+              prompt_logprobs] per request with new output; logprobs None or
+             ``logprobs_to_wire``; metrics [scheduled_time or None (time.perf_counter, the
+             same monotonic clock in both processes), prefix_tokens_reused, num_preemptions];
+             prompt_logprobs None or ``prompt_logprobs_to_wire`` (on a request's first record)
     stats: engine.stats() or None (sent every engine_loop.STATS_INTERVAL_S and when idle)
     answers: [key, result, error message or None] per "call"
 """
@@ -45,8 +46,17 @@ def params_from_wire(fields: dict) -> SamplingParams:
 
 
 def logprobs_to_wire(logprobs: list[Logprob]) -> list:
-    return [[lp.token_id, lp.logprob, list(lp.top.items())] for lp in logprobs]
+    return [[lp.token_id, lp.logprob, list(lp.top.items()), lp.rank] for lp in logprobs]
 
 
 def logprobs_from_wire(items: list) -> list[Logprob]:
-    return [Logprob(token, logprob, dict(top)) for token, logprob, top in items]
+    return [Logprob(token, logprob, dict(top), rank) for token, logprob, top, rank in items]
+
+
+def prompt_logprobs_to_wire(logprobs: list[Logprob | None]) -> list:
+    """The first entry is None (the first prompt token has no logprob)."""
+    return [None, *logprobs_to_wire(logprobs[1:])]
+
+
+def prompt_logprobs_from_wire(items: list) -> list[Logprob | None]:
+    return [None, *logprobs_from_wire(items[1:])]
