@@ -123,8 +123,8 @@ def _engine_itl(engine, batch: int) -> float:
 
 
 def _time_compile(engine, reps: int, keys: list) -> float:
-    """Median seconds of trace + lower + compile of the steps `keys` ((T, S, variant) runner
-    keys) together, persistent cache off."""
+    """Median seconds of trace + lower + compile of the steps `keys` (runner keys: (T, S,
+    variant[, scoring])) together, persistent cache off."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
@@ -168,8 +168,10 @@ def measure(name: str, device: str, reps: int, checkpoints: str | None,
     # The same program in every version: the (16, 16) greedy-only step; and what the engine
     # compiles for that shape (greedy-only + sampling variants, or the CPU's single one).
     shape_keys = [k for k in engine.runner.compiled if k[:2] == (16, 16)]
+    # Keys grew a "scoring" flag (prompt logprobs) after (T, S, variant): False.
+    greedy_key = (16, 16, True) + (False,) * (len(shape_keys[0]) - 3)
     row = {"model": name, "dtype": model.config.dtype,
-           "compile_s": _time_compile(engine, 3 if small else 1, [(16, 16, True)]),
+           "compile_s": _time_compile(engine, 3 if small else 1, [greedy_key]),
            "compile_shape_s": _time_compile(engine, 3 if small else 1, shape_keys),
            "variants": len(shape_keys)}
     for batch in BATCHES:
