@@ -11,7 +11,9 @@
 // Safety (checked on the device, per sequence, by every kernel): a sequence with n_i > 0 is
 // skipped -- nothing read or written, its rows' output 0, *error_flag set to the code below --
 // when its slot is outside [0, slots), seq_len > capacity[slot], seq_len < n_i, or its row
-// range is not inside [0, T]. Sequences with n_i == 0 are ignored (their slot may be -1).
+// range is not inside [0, T]. Sequences with n_i == 0 are ignored (their slot may be -1), and
+// so are sequences whose slot is kSlotMasked (their rows are padding: output 0, nothing read or
+// written, no error): the K-step decode call masks the rows that finished inside the call.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +31,9 @@ enum AttnError : int32_t {
   kAttnErrCapacity = 2,  // seq_len beyond the slot's mapped capacity
   kAttnErrLength = 3,    // seq_len < number of new tokens, or a row range outside [0, T]
 };
+
+// seq_slot value of a sequence whose rows are masked out of this call (see above).
+constexpr int32_t kSlotMasked = -2;
 
 // Everything a kernel needs. Pointers are device pointers on CUDA, host pointers on the CPU.
 struct AttnParams {

@@ -103,7 +103,7 @@ std::vector<Seq> valid_sequences(const AttnParams& p) {
   std::vector<Seq> seqs;
   for (int64_t i = 0; i < p.num_seqs; ++i) {
     const int64_t start = p.seq_start[i], end = p.seq_start[i + 1];
-    if (start == end) continue;
+    if (start == end || p.seq_slot[i] == kSlotMasked) continue;
     const int64_t slot = p.seq_slot[i], len = p.seq_len[i];
     if (start < 0 || end < start || end > p.num_rows || len < end - start) {
       set_error(p, kAttnErrLength);

@@ -18,6 +18,9 @@ def _geometric_up_to(lo: int, hi: int) -> tuple[int, ...]:
 
 PREEMPTION_MODES = ("swap", "recompute")
 WEIGHT_MODES = ("auto", "dense", "quantized")
+# EngineConfig.decode_steps by device kind (docs/engine.md: measured on the CPU; the CUDA value
+# is not measured yet)
+DEFAULT_DECODE_STEPS = {"cpu": 4, "cuda": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,12 @@ class EngineConfig:
     decode_shapes: compile the (S, S) pure-decode shapes. False runs decode steps in the
       prefill shapes too: with one token bucket every step then has one shape, so a token's
       arithmetic (the CUDA kernels' KV split count) never depends on what else is batched.
+    decode_steps: most decode iterations of one pure-decode step (every row a decode row): the
+      compiled call runs up to K model steps on the device, each feeding its sampled tokens to
+      the next, with per-row stops (EOS, stop_token_ids, max_tokens, context) on the device;
+      1 turns it off. Steps are 1 while requests wait to be admitted (their time to first
+      token never waits for a K-step call). None: DEFAULT_DECODE_STEPS of the device
+      (docs/engine.md, "K decode steps per call").
     preemption_mode: what a sequence preempted under KV pressure keeps. "swap": the KV it has
       computed is copied to host memory and back into a slot when it is re-admitted (bit-exact
       continuation; the host waits for the step in flight first). "recompute": the KV is dropped
@@ -79,6 +88,7 @@ class EngineConfig:
     token_buckets: tuple[int, ...] | None = None
     seq_buckets: tuple[int, ...] | None = None
     decode_shapes: bool = True
+    decode_steps: int | None = None
     preemption_mode: str = "swap"
     swap_space_bytes: int = 4 << 30
     enable_prefix_sharing: bool = True
@@ -93,6 +103,10 @@ class EngineConfig:
             _positive_int(name, getattr(self, name))
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)
+        if self.decode_steps is None:
+            object.__setattr__(self, "decode_steps",
+                               DEFAULT_DECODE_STEPS["cpu" if self.device == "cpu" else "cuda"])
+        _positive_int("decode_steps", self.decode_steps)
         if not isinstance(self.compilation_cache, bool):
             raise ValueError("EngineConfig.compilation_cache must be a bool, got "
                              f"{self.compilation_cache!r}")

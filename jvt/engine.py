@@ -118,12 +118,12 @@ class Engine:
             max_num_batched_tokens=cfg.max_num_batched_tokens, prefill_chunk=cfg.prefill_chunk,
             max_model_len=cfg.max_model_len, enable_prefix_sharing=cfg.enable_prefix_sharing,
             preemption_mode=cfg.preemption_mode, swap_space_bytes=cfg.swap_space_bytes,
-            wait_device=self._wait_device)
+            wait_device=self._wait_device, decode_steps=cfg.decode_steps)
         module = self.model.module
         if cfg.tensor_parallel > mc.num_kv_heads:
             module = parallel.expand_kv_heads(module, cfg.tensor_parallel)
         self.runner = Runner(module, self.store, shapes=cfg.step_shapes, devices=self.devices,
-                             eos_ids=self.tokenizer.eos_ids)
+                             eos_ids=self.tokenizer.eos_ids, decode_steps=cfg.decode_steps)
         self.runner.warmup()
         if cfg.device != "cpu" and cfg.kv_budget_bytes is None:
             self.store.set_budget_bytes(memory.gpu_kv_budget(
@@ -403,23 +403,30 @@ class Engine:
                                                            int(scores.rank[r]))
             row += entry.n
 
-    def _postprocess(self, plan, host) -> None:
+    def _postprocess(self, plan, host: list) -> None:
+        """Take every entry's sampled tokens (host: one SampleResult per decode iteration);
+        a K-step entry's tokens after the one its sequence finishes with are discarded."""
         now = time.perf_counter()
         for i, entry in enumerate(plan.entries):
             if not entry.samples:
                 continue
             seq = entry.seq
-            seq.pending -= 1
+            seq.pending -= entry.steps
             req = self._requests.get(seq.request_id)
-            if req is None or seq.status is Status.FINISHED:
-                continue
-            try:
-                self._take_token(req, host, i, now)
-            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-                self._fail(seq, e)
+            for j in range(entry.steps):
+                if req is None or seq.status is Status.FINISHED:
+                    break
+                try:
+                    self._take_token(req, host[j], i, now,
+                                     entry.start + j + 1 if entry.steps > 1 else None)
+                except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                    self._fail(seq, e)
 
-    def _take_token(self, req: Request, host, i: int, now: float) -> None:
-        """Append row ``i``'s sampled token to ``req`` and finish it if it stops there."""
+    def _take_token(self, req: Request, host, i: int, now: float, kv_written: int | None
+                    ) -> None:
+        """Append row ``i``'s sampled token to ``req`` and finish it if it stops there.
+        kv_written: in a K-step call, the KV length certainly written when this token was
+        sampled (the KV of the rows the call ran after it is not counted as kept)."""
         seq = req.seq
         if seq.params.max_tokens == 0:  # the prompt only: the token is not kept
             req.settle_text()
@@ -437,6 +444,8 @@ class Engine:
             req.logprobs.append(Logprob(token, float(host.logprob[i]), top))
         reason = self._finish_reason(req, token)
         if reason is not None:
+            if kv_written is not None:
+                seq.num_computed = min(seq.num_computed, kv_written)
             self.scheduler.finish(seq, reason)
             req.metrics.finished_time = now
             del self._requests[seq.request_id]  # the caller holds the Request

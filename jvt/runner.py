@@ -15,6 +15,15 @@ never recompile anything (the KV cache lives outside XLA). The step keeps the la
 enqueued before the host has read step N-1's tokens (one-step lag). The penalty tables
 (jvt.penalties) are threaded through the steps the same way.
 
+A pure-decode step whose entries may run more than one iteration (StepPlan.steps > 1, see
+Scheduler.decode_steps) runs the K-step variant of its shape (compiled by ``warmup`` for the
+decode shapes): a ``lax.while_loop`` of up to K iterations of the same step body, each taking
+its input tokens from ``last_tokens`` as written by the previous one, with a done mask per row
+(the EOS and stop token ids, the row's iteration limit): a row that finished is masked out of
+the next iterations (its sequence's slot becomes MASKED_SLOT, so the attention op writes no KV
+for it and its sample is not kept), and the loop ends early when every row is done. One
+[K, S, 2 + 2K'] transfer brings the tokens and logprobs of every iteration back.
+
 A step that holds prompt rows of a request asking for prompt_logprobs runs the scoring variant
 of its shape (compiled when first needed): the LM head over every row, in blocks of at most
 SCORE_BLOCK rows so no full-vocabulary logits of a long chunk are held at once, reduced to each
@@ -39,6 +48,11 @@ from jvt.scheduler import Entry, StepPlan
 from jvt.types import MAX_LOGPROBS, AttnMeta, SamplingParams
 
 SCORE_BLOCK = 64  # most rows whose full-vocabulary logits one scoring block holds
+MASKED_SLOT = -2  # seq_slot of a sequence whose rows the attention op skips (kSlotMasked)
+# Token ids per row that end it on the device in a K-step call: EOS ids, then stop_token_ids.
+# A row with more is stopped by the host (its extra tokens are discarded, as after a stop
+# string), so this bounds wasted work, never what is emitted.
+MAX_DEVICE_STOPS = 8
 
 
 @jax.tree_util.register_dataclass
@@ -94,13 +108,24 @@ def _step(weights, last_tokens, tables, ints, floats, *targets, t, s, greedy_onl
     shards under tensor parallelism, where this runs inside shard_map). penalize: None
     decides on the device whether any row is penalised (as greedy_only None)."""
     module = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
+    lm_head = functools.partial(_lm_head, module, split_vocab)
+    reduce = parallel.all_reduce if tensor_parallel else (lambda x: x)
     inputs = _from_wire(ints, floats, t, s)
+    last_tokens, tables, out, hidden = _forward(module, lm_head, reduce, store_id, last_tokens,
+                                                tables, inputs, greedy_only, penalize)
+    if not targets:
+        return last_tokens, tables, out
+    return last_tokens, tables, out, _score(lm_head, hidden, targets[0])
+
+
+def _forward(module, lm_head, reduce, store_id, last_tokens, tables, inputs: StepInputs,
+             greedy_only, penalize):
+    """The model over the step's rows, then each entry's sample: (last_tokens, tables,
+    [S, 2 + 2K] results, hidden [T, H])."""
     prev = last_tokens[jnp.maximum(inputs.prev_slot, 0)]
     tokens = jnp.where(inputs.prev_slot >= 0, prev, inputs.tokens)
-    reduce = parallel.all_reduce if tensor_parallel else (lambda x: x)
     hidden = module(tokens, inputs.meta, store_id=store_id, reduce=reduce)
     last_rows = jnp.maximum(inputs.meta.seq_start[1:] - 1, 0)  # [S] each entry's last row
-    lm_head = functools.partial(_lm_head, module, split_vocab)
     logits = lm_head(hidden[last_rows])
     choose = _penalized(logits, tables, inputs, penalize)
     r = sample(logits, inputs.sampling, greedy_only=greedy_only, choose=choose)
@@ -110,9 +135,46 @@ def _step(weights, last_tokens, tables, ints, floats, *targets, t, s, greedy_onl
     tables = penalties.count(tables, target, r.tokens)
     out = jnp.concatenate([_as_f32(r.tokens)[:, None], r.logprob[:, None], _as_f32(r.top_ids),
                            r.top_logprobs], axis=1)
-    if not targets:
-        return last_tokens, tables, out
-    return last_tokens, tables, out, _score(lm_head, hidden, targets[0])
+    return last_tokens, tables, out, hidden
+
+
+def _multi_step(weights, last_tokens, tables, ints, floats, stops, *, t, s, k, greedy_only,
+                penalize, graphdef, treedef, store_id, tensor_parallel, split_vocab):
+    """Up to k decode iterations of a pure-decode step (one row per entry): returns
+    last_tokens, tables and [k, S, 2 + 2K] results, iteration j in row j (iterations after
+    every row is done are left zero). stops: [S, 1 + MAX_DEVICE_STOPS] int32, per entry the
+    iterations it may run (0 for padding) and the token ids that end it (-1: none). A token
+    ends its row only once the row has min_tokens outputs, as on the host."""
+    module = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
+    lm_head = functools.partial(_lm_head, module, split_vocab)
+    reduce = parallel.all_reduce if tensor_parallel else (lambda x: x)
+    first = _from_wire(ints, floats, t, s)
+    limit, stop_ids = stops[:, 0], stops[:, 1:]
+    meta, sp = first.meta, first.sampling
+
+    def inputs_at(j, done):
+        """Iteration j's inputs: one position further per iteration, done rows masked."""
+        masked = jnp.where(done & (meta.seq_slot >= 0), MASKED_SLOT, meta.seq_slot)
+        return StepInputs(first.tokens, first.prev_slot,
+                          AttnMeta(meta.positions + j, meta.seq_start, masked, meta.seq_len + j),
+                          first.keep & ~done,
+                          dataclasses.replace(sp, counter=sp.counter + j))
+
+    def run(j, last_tokens, tables, outs, done):
+        last_tokens, tables, out, _ = _forward(module, lm_head, reduce, store_id, last_tokens,
+                                               tables, inputs_at(j, done), greedy_only,
+                                               penalize)
+        token = jax.lax.bitcast_convert_type(out[:, 0], jnp.int32)
+        hit = jnp.any(token[:, None] == stop_ids, axis=1) & (sp.counter + j + 1 >= sp.min_tokens)
+        done = done | hit | (j + 1 >= limit)
+        return last_tokens, tables, jax.lax.dynamic_update_index_in_dim(outs, out, j, 0), done
+
+    width = 2 + 2 * min(MAX_LOGPROBS, module.config.vocab_size)
+    outs = jnp.zeros((k, s, width), jnp.float32)
+    carry = (0, last_tokens, tables, outs, limit <= 0)
+    _, last_tokens, tables, outs, _ = jax.lax.while_loop(
+        lambda c: (c[0] < k) & ~jnp.all(c[4]), lambda c: (c[0] + 1, *run(*c)), carry)
+    return last_tokens, tables, outs
 
 
 def _lm_head(module, split_vocab: bool, hidden: jax.Array) -> jax.Array:
@@ -164,12 +226,15 @@ class Runner:
         KVStoreGroup under tensor parallelism).
       shapes: the sorted (T, S) step shapes (EngineConfig.step_shapes).
       devices: the jax.Devices to run on: one, or the tensor-parallel mesh's (jvt.parallel).
-      eos_ids: the tokenizer's EOS ids (min_tokens bans them).
+      eos_ids: the tokenizer's EOS ids (min_tokens bans them; they end K-step rows).
+      decode_steps: K of the K-step decode variant (1: none).
     """
 
-    def __init__(self, module, store, *, shapes, devices, eos_ids: tuple[int, ...]):
+    def __init__(self, module, store, *, shapes, devices, eos_ids: tuple[int, ...],
+                 decode_steps: int = 1):
         self.store = store
         self.shapes = sorted(shapes)
+        self.decode_steps = decode_steps
         self.graphdef, state = nnx.split(module)
         weights, self.treedef = jax.tree.flatten(state)
         self.tensor_parallel = len(devices)
@@ -190,16 +255,20 @@ class Runner:
         self._set_rows = jax.jit(penalties.set_rows, donate_argnums=0)
         # greedy_only variants per shape: None = decided on the device (see sampling.sample)
         self.variants = (None,) if devices[0].platform == "cpu" else (True, False)
-        # (T, S, variant, scoring) -> compiled step
-        self.compiled: dict[tuple[int, int, bool | None, bool], object] = {}
+        # (T, S, variant, scoring, K-step) -> compiled step
+        self.compiled: dict[tuple[int, int, bool | None, bool, bool], object] = {}
         self.num_compiles = 0
 
     def warmup(self) -> None:
-        """Compile every step shape, greedy-only and sampling, so no step compiles (the
-        scoring variants compile when a prompt_logprobs request first needs one)."""
+        """Compile every step shape, greedy-only and sampling, and the K-step variants of the
+        shapes pure-decode steps run in, so no step compiles (the scoring variants compile
+        when a prompt_logprobs request first needs one)."""
         for shape in self.shapes:
             for greedy_only in self.variants:
-                self._compile(*shape, greedy_only, False)
+                self._compile(*shape, greedy_only, False, False)
+        for shape in self.decode_shapes():
+            for greedy_only in self.variants:
+                self._compile(*shape, greedy_only, False, True)
         empty = penalties.rows(_PLAIN, [0], 1, self.vocab, ())
         self.tables = self._set_rows(self.tables, 0, jax.device_put(empty, self.inputs_sharding))
 
@@ -208,19 +277,29 @@ class Runner:
         sizes = [c.memory_analysis() for c in self.compiled.values()]
         return max((m.temp_size_in_bytes for m in sizes if m is not None), default=0)
 
-    def _compile(self, t: int, s: int, greedy_only: bool | None, scoring: bool):
-        key = (t, s, greedy_only, scoring)
+    def decode_shapes(self) -> list[tuple[int, int]]:
+        """The shapes a pure-decode step of 1 .. S_max sequences runs in (K-step variants)."""
+        if self.decode_steps == 1:
+            return []
+        most = max(s for _, s in self.shapes)
+        return sorted({bucket(self.shapes, n, n) for n in range(1, most + 1)})
+
+    def _compile(self, t: int, s: int, greedy_only: bool | None, scoring: bool, multi: bool):
+        key = (t, s, greedy_only, scoring, multi)
         if key not in self.compiled:
             penalize = None if greedy_only is None else not greedy_only
-            fn = functools.partial(_step, t=t, s=s, greedy_only=greedy_only, penalize=penalize,
-                                   graphdef=self.graphdef, treedef=self.treedef,
-                                   store_id=self.store.store_id,
-                                   tensor_parallel=self.mesh is not None,
-                                   split_vocab=self.split_vocab)
+            static = {"t": t, "s": s, "greedy_only": greedy_only, "penalize": penalize,
+                      "graphdef": self.graphdef, "treedef": self.treedef,
+                      "store_id": self.store.store_id, "tensor_parallel": self.mesh is not None,
+                      "split_vocab": self.split_vocab}
+            fn = (functools.partial(_multi_step, k=self.decode_steps, **static) if multi
+                  else functools.partial(_step, **static))
             args = [self.last_tokens, self.tables,
                     *jax.device_put(_to_wire(_pack(None, t, s)), self.inputs_sharding)]
             if scoring:
                 args.append(jax.device_put(np.full(t, -1, np.int32), self.inputs_sharding))
+            if multi:
+                args.append(jax.device_put(_stops(None, s, ()), self.inputs_sharding))
             if self.mesh is not None:
                 fn = parallel.shard_step(fn, self.mesh, self.specs, num_replicated=len(args))
             step = jax.jit(fn, donate_argnums=(1, 2))
@@ -238,9 +317,12 @@ class Runner:
             e.seq.params.temperature == 0 and not e.seq.params.penalized for e in plan.entries)
         wire = _to_wire(_pack(plan, t, s))
         targets = _targets(plan, t)
-        args = jax.device_put([*wire] + ([] if targets is None else [targets]),
-                              self.inputs_sharding)
-        step = self._compile(t, s, greedy_only, targets is not None)
+        multi = plan.steps > 1  # a pure-decode plan: never scores prompt rows
+        extra = [] if targets is None else [targets]
+        if multi:
+            extra.append(_stops(plan, s, self.eos_ids))
+        args = jax.device_put([*wire, *extra], self.inputs_sharding)
+        step = self._compile(t, s, greedy_only, targets is not None, multi)
         self._write_penalty_rows(plan)
         # Every chunk the step reads is mapped before it is dispatched (the CUDA handler maps
         # nothing, so XLA can replay the step as a CUDA graph); one atomic load when the
@@ -264,14 +346,17 @@ class Runner:
 
     @staticmethod
     def collect(launched: tuple[jax.Array, jax.Array | None]
-                ) -> tuple[SampleResult, Scores | None]:
-        """Wait for a launched step and unpack its results into host numpy arrays."""
+                ) -> tuple[list[SampleResult], Scores | None]:
+        """Wait for a launched step and unpack its results into host numpy arrays: one
+        SampleResult per decode iteration (one unless the step was a K-step call)."""
         out, scores = launched
         host = np.asarray(out)
-        k = (host.shape[1] - 2) // 2
-        samples = SampleResult(tokens=host[:, 0].view(np.int32), logprob=host[:, 1],
-                               top_ids=host[:, 2:2 + k].view(np.int32),
-                               top_logprobs=host[:, 2 + k:])
+        if host.ndim == 2:
+            host = host[None]
+        k = (host.shape[2] - 2) // 2
+        samples = [SampleResult(tokens=h[:, 0].view(np.int32), logprob=h[:, 1],
+                                top_ids=h[:, 2:2 + k].view(np.int32), top_logprobs=h[:, 2 + k:])
+                   for h in host]
         if scores is None:
             return samples, None
         sc = np.asarray(scores)
@@ -296,6 +381,20 @@ def scores_prompt(e: Entry) -> bool:
     """Whether entry ``e`` holds prompt rows whose next-token log-probabilities are asked."""
     return (e.seq.params.prompt_logprobs is not None and not e.from_device
             and e.start + 1 < e.seq.num_prompt)
+
+
+def _stops(plan: StepPlan | None, s: int, eos_ids: tuple[int, ...]) -> np.ndarray:
+    """[s, 1 + MAX_DEVICE_STOPS] int32 of a K-step call: per entry its iterations, then the
+    token ids that end it (EOS unless ignore_eos, then stop_token_ids; -1 pads)."""
+    stops = np.full((s, 1 + MAX_DEVICE_STOPS), -1, np.int32)
+    stops[:, 0] = 0
+    for i, e in enumerate(plan.entries if plan is not None else []):
+        p = e.seq.params
+        ids = ([] if p.ignore_eos else list(eos_ids)) + list(p.stop_token_ids)
+        ids = ids[:MAX_DEVICE_STOPS]
+        stops[i, 0] = e.steps
+        stops[i, 1:1 + len(ids)] = ids
+    return stops
 
 
 def _targets(plan: StepPlan, t: int) -> np.ndarray | None:

@@ -36,7 +36,8 @@ class Sequence:
     """The state of one request: its tokens, its slot and how much of its KV is computed.
 
     tokens holds the prompt and every generated token the host has read back; ``pending`` counts
-    tokens sampled by enqueued steps and not read back yet (at most one with one-step lag).
+    tokens sampled by enqueued steps and not read back yet (one with the one-step lag, up to
+    decode_steps after a K-step decode call).
     Positions [0, num_computed) of the slot hold (or are being given) the KV of the sequence;
     while it waits after a swap-out, ``swapped`` holds that KV on the host instead (no slot).
     """
@@ -82,11 +83,18 @@ class Entry:
     start: int
     tokens: list[int]  # host token ids of the rows; empty for a decode row fed on device
     samples: bool  # the last row's sampled token is kept (end of prefill, or decode)
-    counter: int  # index among the outputs of the token this entry samples
+    counter: int  # index among the outputs of the token this entry samples (the first one)
+    steps: int = 1  # decode iterations of a K-step call (its one row feeds positions
+    #                 start .. start + steps - 1 and samples steps tokens)
 
     @property
     def n(self) -> int:
         return len(self.tokens) or 1
+
+    @property
+    def kv_end(self) -> int:
+        """The KV length of the sequence once this entry has run."""
+        return self.start + self.n + self.steps - 1
 
     @property
     def from_device(self) -> bool:
@@ -100,6 +108,11 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(e.n for e in self.entries)
+
+    @property
+    def steps(self) -> int:
+        """Decode iterations of the call: > 1 only for a pure-decode K-step call."""
+        return max((e.steps for e in self.entries), default=1)
 
 
 @dataclasses.dataclass
@@ -125,12 +138,16 @@ class Scheduler:
       wait_device: blocks until the device has finished every enqueued step (without reading
       its results back); called before a slot is swapped out, since the step in flight may
       still be writing it.
+      decode_steps: most decode iterations of a step whose every row is a decode row, when
+      no request waits (EngineConfig.decode_steps).
     """
 
     def __init__(self, store, *, max_num_seqs: int, max_num_batched_tokens: int,
                  prefill_chunk: int, max_model_len: int, enable_prefix_sharing: bool,
-                 preemption_mode: str, swap_space_bytes: int, wait_device: Callable[[], None]):
+                 preemption_mode: str, swap_space_bytes: int, wait_device: Callable[[], None],
+                 decode_steps: int = 1):
         self.store = store
+        self.decode_steps = decode_steps
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk = prefill_chunk
@@ -228,15 +245,19 @@ class Scheduler:
         entries: list[Entry] = []
         budget = self.max_num_batched_tokens
         preempted = False
+        steps = self._decode_steps()
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:  # preempted below to make room
                 continue
-            entry = self._next_entry(seq, budget)
+            entry = self._next_entry(seq, budget, steps)
             if entry is None:
                 continue
-            fits = self._reserve(seq.slot, entry.start + entry.n)
+            fits = self._reserve(seq.slot, entry.kv_end)
+            if not fits and entry.steps > 1:  # one step fits more often: no preemption for K
+                entry.steps = 1
+                fits = self._reserve(seq.slot, entry.kv_end)
             while not fits and not self.draining:
                 # Released chunks still draining come back within a step: wait for them
                 # rather than preempt. Otherwise the youngest running sequence gives way.
@@ -245,32 +266,43 @@ class Scheduler:
                 preempted = True
                 if victim is seq:
                     break
-                fits = self._reserve(seq.slot, entry.start + entry.n)
+                fits = self._reserve(seq.slot, entry.kv_end)
             if fits:
                 entries.append(entry)
                 budget -= entry.n
         if not preempted:
             self._admit(entries, budget)
         for e in entries:
-            e.seq.num_computed = e.start + e.n
+            e.seq.num_computed = e.kv_end
             if e.samples:
-                e.seq.pending += 1
+                e.seq.pending += e.steps
         return StepPlan(entries) if entries else None
 
-    def _next_entry(self, seq: Sequence, budget: int) -> Entry | None:
+    def _decode_steps(self) -> int:
+        """Iterations the decode entries of this step may run: decode_steps when every running
+        sequence decodes and no request waits (a waiting request is admitted by the next
+        step, not after a K-step call), else 1."""
+        if self.decode_steps == 1 or self.waiting:
+            return 1
+        if any(seq.num_computed < len(seq.tokens) or not seq.pending for seq in self.running):
+            return 1
+        return self.decode_steps
+
+    def _next_entry(self, seq: Sequence, budget: int, steps: int = 1) -> Entry | None:
         known = len(seq.tokens)
         if seq.num_computed < known:  # prefill (or recompute after preemption)
             n = min(known - seq.num_computed, self.prefill_chunk, budget)
             start = seq.num_computed
             return Entry(seq, start, seq.tokens[start:start + n], start + n == known,
                          seq.num_output)
-        # Decode: the input is the token sampled by the step in flight, taken on the device.
-        # Nothing to do when that token is the last one (finishing is the engine's job).
+        # Decode: the input is the last token sampled by the step in flight, taken on the
+        # device. Nothing to do when that token is the last one (finishing is the engine's job).
         total = known + seq.pending
-        if (not seq.pending or seq.num_output + seq.pending >= seq.params.max_tokens
-                or total >= self.max_model_len):
+        left = min(seq.params.max_tokens - seq.num_output - seq.pending,
+                   self.max_model_len - total)
+        if not seq.pending or left <= 0:
             return None
-        return Entry(seq, known, [], True, seq.num_output + seq.pending)
+        return Entry(seq, total - 1, [], True, seq.num_output + seq.pending, min(steps, left))
 
     def _admit(self, entries: list[Entry], budget: int) -> None:
         skipped = []
@@ -282,7 +314,7 @@ class Scheduler:
                     break  # FIFO: no younger request overtakes one that does not fit
                 continue
             entry = self._next_entry(seq, budget)
-            if not self._reserve(seq.slot, entry.start + entry.n):
+            if not self._reserve(seq.slot, entry.kv_end):
                 self._unplace(seq)
                 skipped.append(seq)
                 break

@@ -22,11 +22,12 @@ struct RowTarget {
   int32_t rows;  // new rows of the row's sequence in this step
 };
 
-// 0 when sequence i may be read and written, -1 when it has no rows, else an AttnError.
+// 0 when sequence i may be read and written, -1 when it has no rows or is masked
+// (kSlotMasked), else an AttnError.
 __device__ __forceinline__ int32_t sequence_status(const AttnParams& p, int64_t i) {
   const int64_t start = p.seq_start[i], end = p.seq_start[i + 1];
-  if (start == end) return -1;
   const int32_t slot = p.seq_slot[i];
+  if (start == end || slot == kSlotMasked) return -1;
   const int64_t len = p.seq_len[i];
   // Same order of checks, hence the same error code, as the CPU handler.
   if (start < 0 || end < start || end > p.num_rows || len < end - start) return kAttnErrLength;

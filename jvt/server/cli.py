@@ -28,6 +28,7 @@ ENGINE_FLAGS = (  # flag, type, help; each given flag becomes the EngineConfig f
     ("--max-num-batched-tokens", int, "token budget of one step"),
     ("--kv-budget-bytes", int, "physical KV memory (default: every slot at max-model-len)"),
     ("--prefill-chunk", int, "most prompt tokens of one sequence per step"),
+    ("--decode-steps", int, "most decode iterations of one pure-decode step (1: off)"),
     ("--token-buckets", str, "compiled token counts per step, comma-separated (e.g. 16,64)"),
     ("--seq-buckets", str, "compiled sequence counts per step, comma-separated (e.g. 4,16)"),
     ("--preemption-mode", str, "swap or recompute"),
