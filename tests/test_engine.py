@@ -107,9 +107,11 @@ def test_no_compilation_after_warmup(engine):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
-    # (8, 8) for decode steps, (16, 8) and (128, 8) for prefill steps; one variant on the CPU.
+    # (8, 8) for decode steps, (16, 8) and (128, 8) for prefill steps, and the K-step variant
+    # of (8, 8); one variant on the CPU.
     assert engine.config.step_shapes == [(8, 8), (16, 8), (128, 8)]
-    assert engine.runner.num_compiles == len(engine.runner.variants) * 3 == 3
+    assert engine.runner.decode_shapes() == [(8, 8)] and engine.config.decode_steps > 1
+    assert engine.runner.num_compiles == len(engine.runner.variants) * 4 == 4
 
 
 def test_session_turn_equals_recomputing_the_conversation(engine, reference):
