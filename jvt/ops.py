@@ -124,7 +124,8 @@ def attention(q, k, v, meta: AttnMeta, *, store_id: int, layer: int, scale: floa
     continuing a cached prefix: n_i > 1 with seq_len[i] > n_i). Row r at position p writes
     k[r], v[r] at (slot, p, layer) and returns
     out[r] = softmax(scale * q[r] . K[0..p]) V[0..p] over that slot's positions [0, p], including
-    rows written in this same call. Rows >= seq_start[S] are padding: output 0, nothing written.
+    rows written in this same call. Rows >= seq_start[S] are padding: output 0, nothing written;
+    so are the rows of a sequence whose slot is -2 (jvt.runner.MASKED_SLOT; no error flagged).
     GQA/MQA: q head h reads kv head h // (Hq // Hkv).
 
     Safety: a sequence whose seq_len exceeds its slot's mapped capacity (reserve first), whose

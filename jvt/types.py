@@ -21,7 +21,8 @@ class AttnMeta:
     tokens take positions [seq_len[i] - n_i, seq_len[i]) in slot seq_slot[i], and each attends
     causally to positions [0, its own position]. Rows >= seq_start[S] are padding: nothing is
     written for them and their attention output is zero. Entries with an empty row range are
-    ignored (their seq_slot may be -1).
+    ignored (their seq_slot may be -1); an entry whose seq_slot is -2 (masked: a row that
+    finished inside a K-step decode call) is skipped like padding.
     """
 
     positions: jax.Array  # [T] int32 position of each row (RoPE); 0 for padding rows

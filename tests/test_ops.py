@@ -315,6 +315,37 @@ def test_bad_slot_or_length_is_skipped_and_flagged(slot, seq_len, n):
             store.check()
 
 
+def test_masked_sequence_is_skipped_without_error():
+    """seq_slot -2 (a row finished inside a K-step call): its rows are padding, nothing of the
+    slot is read or written, no error; the other sequences are computed as usual."""
+    dtype = jnp.float32
+    with make_store(dtype) as store:
+        mirror = Mirror(store, seed=17)
+        layer = 3
+        mirror.step([(0, 5), (1, 3)], [layer], dtype, rows=8, entries=2)
+        before = [store.read_token(0, pos, layer) for pos in range(8)]
+        store.reserve(0, 8)
+        store.reserve(1, 4)
+        q, k, v = mirror.inputs(2, dtype)
+        meta = AttnMeta(positions=jnp.asarray([5, 3], jnp.int32),
+                        seq_start=jnp.asarray([0, 1, 2], jnp.int32),
+                        seq_slot=jnp.asarray([-2, 1], jnp.int32),
+                        seq_len=jnp.asarray([6, 4], jnp.int32))
+        out = np.asarray(ops.attention(q, k, v, meta, store_id=store.store_id, layer=layer,
+                                       scale=SCALE))
+        store.check()  # no error flagged
+        assert np.all(out[0] == 0.0)
+        for pos in range(8):
+            after = store.read_token(0, pos, layer)
+            np.testing.assert_array_equal(after[0], before[pos][0])
+        mirror.k[layer, 1, 3], mirror.v[layer, 1, 3] = k[1], v[1]
+        ref = numpy_attention(np.asarray(q), mirror.k[layer], mirror.v[layer], [(1, 1, 3)])
+        np.testing.assert_allclose(out[1], ref[1], atol=2e-5)
+        ref_op = np.asarray(ops.reference_attention(q, mirror.k[layer], mirror.v[layer], meta,
+                                                    scale=SCALE))
+        assert np.all(ref_op[0] == 0.0)
+
+
 def test_reference_attention_matches_numpy_oracle():
     rng = np.random.default_rng(17)
     slots, max_tokens, kv_heads, q_heads, head_dim = 3, 41, 2, 6, 24
