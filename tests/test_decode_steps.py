@@ -253,6 +253,24 @@ def test_pure_decode_steps_are_k_step_calls_and_waiting_requests_shrink_k(model)
     e.close()
 
 
+def test_tiny_preset_k_steps_equal_one_step():
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, logprobs=1)
+              for m in (3, 17, 30)] + [SamplingParams(temperature=0.9, seed=5, max_tokens=25,
+                                                      ignore_eos=True)]
+    prompts = ["Hello", "The quick brown fox", "a", "Once upon a time"]
+    outs = {}
+    for k in (1, 2, 7, 16):
+        e = jvt.Engine("tiny", decode_steps=k, max_num_seqs=4, max_model_len=256,
+                       max_num_batched_tokens=64, token_buckets=(16, 64), seq_buckets=(4,))
+        outs[k] = [(o.token_ids, [lp.logprob for lp in o.logprobs or []])
+                   for o in e.generate(prompts, params, use_tqdm=False)]
+        e.close()
+    for k in (2, 7, 16):
+        assert [t for t, _ in outs[k]] == [t for t, _ in outs[1]], k
+        for (_, a), (_, b) in zip(outs[k], outs[1]):
+            assert a == pytest.approx(b, abs=1e-5)
+
+
 @pytest.mark.parametrize("value", [0, -3, 2.5, True, "4"])
 def test_bad_decode_steps(value):
     with pytest.raises(ValueError, match="decode_steps"):

@@ -81,6 +81,26 @@ def test_greedy_tokens_equal_transformers_gguf_loading(model, hf_model):
         assert out.token_ids == _hf_greedy(hf_model, ids), model.tokenizer.decode(ids)
 
 
+def test_k_decode_steps_equal_one_step(model):
+    """decode_steps K in {2, 7, 16} against 1 on the real model: greedy tokens (to EOS) with
+    logprobs, and seeded sampling, in one batch."""
+    prompts = [model.tokenizer.encode(p, add_bos=model.tokenizer.add_bos) for p in PROMPTS]
+    greedy = jvt.SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS + 5, logprobs=2)
+    sampled = jvt.SamplingParams(temperature=0.8, top_p=0.95, seed=3, max_tokens=NEW_TOKENS)
+    results = {}
+    for k in (1, 2, 7, 16):
+        engine = jvt.Engine(model, decode_steps=k, max_num_seqs=8, max_num_batched_tokens=128,
+                            token_buckets=(16, 128), seq_buckets=(1, 8))
+        outs = engine.generate(prompts + prompts, [greedy] * 4 + [sampled] * 4, use_tqdm=False)
+        results[k] = [(o.token_ids, o.finish_reason, [lp.logprob for lp in o.logprobs or []])
+                      for o in outs]
+        engine.close()
+    for k in (2, 7, 16):
+        assert [r[:2] for r in results[k]] == [r[:2] for r in results[1]], k
+        for a, b in zip(results[k], results[1]):
+            assert a[2] == pytest.approx(b[2], abs=1e-4)
+
+
 def test_weights_cache_round_trip_is_bit_identical(tmp_path, model):
     first = jvt.models.load("smollm2-135m", cache_dir=tmp_path)
     assert len(os.listdir(tmp_path)) == 1
