@@ -3,7 +3,9 @@
     python -m bench.decode_steps --json out.json [--models tiny,smollm2-135m] [--ks 1,4,8]
         [--device cpu] [--repeats 5]
 
-For each model, one engine per K (EngineConfig.decode_steps) is built and warmed up, then the
+For each model, one engine per K (EngineConfig.decode_steps) is built from the model's name
+(so with the engine's default weights: SmolLM2's GGUF blocks kept quantized on the CPU) and
+warmed up, then the
 engines run alternately, ``--repeats`` times each: batch 1 and 8 greedy requests (prompts of
 24 tokens, 128 new tokens, EOS ignored). "tok/s" is the decode rate after each request's first
 token (the median over the repeats of generated tokens after the first / time after the
@@ -55,12 +57,9 @@ def _once(engine, prompts) -> tuple[float, float]:
 
 
 def measure(name: str, ks: list[int], device: str, repeats: int) -> list[dict]:
-    import jvt.models
-
-    model = jvt.models.load(name)
-    engines = {k: _engine(model, k, device) for k in ks}
+    engines = {k: _engine(name, k, device) for k in ks}  # the engine's default weights
     rng = np.random.default_rng(0)
-    vocab = model.config.vocab_size
+    vocab = engines[ks[0]].model.config.vocab_size
     rows = []
     try:
         for batch in BATCHES:

@@ -18,9 +18,9 @@ def _geometric_up_to(lo: int, hi: int) -> tuple[int, ...]:
 
 PREEMPTION_MODES = ("swap", "recompute")
 WEIGHT_MODES = ("auto", "dense", "quantized")
-# EngineConfig.decode_steps by device kind (docs/engine.md: measured on the CPU; the CUDA value
-# is not measured yet)
-DEFAULT_DECODE_STEPS = {"cpu": 4, "cuda": 8}
+# EngineConfig.decode_steps by device kind (docs/benchmarks.md: measured on the CPU; the CUDA
+# value is not measured yet)
+DEFAULT_DECODE_STEPS = {"cpu": 8, "cuda": 8}
 
 
 @dataclasses.dataclass(frozen=True)
