@@ -94,7 +94,24 @@ def test_no_compilation_after_warmup(engine):
                         use_tqdm=False)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert compiles == [] and engine.runner.num_compiles == 2
+    # greedy-only and sampling variants of the one shape, and of its K-step decode call
+    assert compiles == [] and engine.runner.num_compiles == 2 * (
+        1 + len(engine.runner.decode_shapes()))
+
+
+def test_k_decode_steps_equal_one_step_up_to_ties(model):
+    """decode_steps K against 1 on the GPU (the K-step while loop around the CUDA kernels,
+    finished rows masked): greedy tokens equal up to the bf16 tie rule."""
+    prompts = _prompts(6, seed=7, hi=300)
+    params = dataclasses.replace(GREEDY, logprobs=2, max_tokens=37)
+    one = jvt.Engine(model, **ENGINE, decode_steps=1)
+    ref = one.generate(prompts, params, use_tqdm=False)
+    one.close()
+    for k in (7, 16):
+        e = jvt.Engine(model, **ENGINE, decode_steps=k)
+        for r, o in zip(ref, e.generate(prompts, params, use_tqdm=False)):
+            assert_equal_up_to_ties(r, o)
+        e.close()
 
 
 def test_session_turn_equals_recomputing_the_conversation(engine, reference):
