@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Iterator
 
+import numpy as np
 from tqdm import tqdm
 
 from jvt import memory, models, parallel
@@ -43,10 +44,12 @@ class Request:
     Engine-side bookkeeping: the scheduler's Sequence plus output text, logprobs and metrics.
     """
 
-    def __init__(self, seq: Sequence, prompt: str | None, metrics: RequestMetrics, tokenizer):
+    def __init__(self, seq: Sequence, prompt: str | None, metrics: RequestMetrics, tokenizer,
+                 matcher=None):
         self.seq = seq
         self.prompt = prompt
         self.metrics = metrics
+        self.matcher = matcher  # the structured-output constraint's state (jvt.structured)
         # The output text (None when the params turn detokenizing off: token ids only).
         self.out_text = OutputText(tokenizer, seq.num_prompt, seq.params.stop) \
             if seq.params.detokenize else None
@@ -133,6 +136,7 @@ class Engine:
         self._ids = itertools.count()
         self._step_id = -1
         self._inflight = None  # (step id, plan, device results) of the step not yet read back
+        self._structured = None  # jvt.structured.Constrainer, made for the first constraint
         self._stalled = 0  # consecutive idle steps with work queued
 
     @staticmethod
@@ -326,29 +330,31 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------
 
     def step(self) -> None:
-        """One iteration: schedule and enqueue step N, then read back and process step N-1."""
+        """One iteration: schedule and enqueue step N, then read back and process step N-1.
+
+        A plan with constrained entries (structured outputs) needs their allowed tokens, which
+        depend on the tokens step N-1 sampled: step N-1 is read back first then (no overlap
+        for that step), its finished sequences' entries dropped, and the masks computed."""
         plan = self.scheduler.schedule()
-        launched = None
+        launched, processed = None, False
         if plan is not None:
             now = time.perf_counter()
             for entry in plan.entries:
                 req = self._requests.get(entry.seq.request_id)
                 if req is not None and req.metrics.scheduled_time is None:
                     req.metrics.scheduled_time = now
-            plan, result = self._launch(plan)
+            masks = None
+            if any(_constrained(e) for e in plan.entries):
+                processed = self._process_inflight()
+                plan, masks = self._masked(plan)
+            if plan is not None:
+                plan, result = self._launch(plan, masks)
         if plan is not None:  # None too when every entry of the plan failed
             self._step_id += 1
             self.scheduler.fence(self._step_id)
             launched = (self._step_id, plan, result)
-        if self._inflight is not None:
-            step, prev_plan, prev_result = self._inflight
-            host, scores = self.runner.collect(prev_result)
-            self.store.check()
-            self.scheduler.retire(step)
-            if scores is not None:
-                self._take_scores(prev_plan, scores)
-            self._postprocess(prev_plan, host)
-        elif launched is None and self.scheduler.has_work():
+        if not processed and not self._process_inflight() and launched is None \
+                and self.scheduler.has_work():
             # A step may only preempt; one that stays idle with nothing in flight is stuck.
             self._stalled += 1
             if self._stalled > 2:
@@ -357,18 +363,55 @@ class Engine:
             self._stalled = 0
         self._inflight = launched
 
-    def _launch(self, plan: StepPlan) -> tuple[StepPlan | None, object]:
+    def _process_inflight(self) -> bool:
+        """Read back and process the step in flight, if any; whether there was one."""
+        if self._inflight is None:
+            return False
+        step, prev_plan, prev_result = self._inflight
+        self._inflight = None
+        host, scores = self.runner.collect(prev_result)
+        self.store.check()
+        self.scheduler.retire(step)
+        if scores is not None:
+            self._take_scores(prev_plan, scores)
+        self._postprocess(prev_plan, host)
+        return True
+
+    def _masked(self, plan: StepPlan) -> tuple[StepPlan | None, np.ndarray | None]:
+        """``plan`` without the entries of sequences that finished meanwhile, and the
+        allowed-token bits of its constrained entries (other rows allow every token)."""
+        entries = [e for e in plan.entries if e.seq.status is not Status.FINISHED]
+        if not entries:
+            return None, None
+        rows = []
+        for i, e in enumerate(entries):
+            req = self._requests.get(e.seq.request_id)
+            if _constrained(e) and req is not None:
+                rows.append((i, req.matcher))
+        return StepPlan(entries), self._constrainer().masks(rows, len(entries))
+
+    def _constrainer(self):
+        if self._structured is None:
+            from jvt.structured import Constrainer
+
+            self._structured = Constrainer(self.tokenizer, self.model.config.vocab_size,
+                                           self.tokenizer.eos_ids)
+        return self._structured
+
+    def _launch(self, plan: StepPlan, masks: np.ndarray | None = None
+                ) -> tuple[StepPlan | None, object]:
         """Enqueue ``plan``; an entry that cannot be packed fails its request alone and the
         step runs without it. (the plan launched or None, its device results)."""
         while True:
             try:
-                return plan, self.runner.launch(plan)
+                return plan, self.runner.launch(plan, masks)
             except EntryError as e:
                 self._fail(plan.entries[e.index].seq, e.cause)
-                rest = [x for i, x in enumerate(plan.entries) if i != e.index]
-                if not rest:
+                keep = [i for i in range(len(plan.entries)) if i != e.index]
+                if not keep:
                     return None, None
-                plan = StepPlan(rest)
+                plan = StepPlan([plan.entries[i] for i in keep])
+                masks = None if masks is None else masks[keep]
 
     def _fail(self, seq: Sequence, cause: Exception) -> None:
         """End ``seq``'s request with finish_reason "error" (its KV is dropped); the engine
@@ -435,6 +478,10 @@ class Engine:
             del self._requests[seq.request_id]
             return
         token = int(host.tokens[i])
+        if req.matcher is not None:
+            from jvt.structured import advance
+
+            advance(req.matcher, token)
         seq.tokens.append(token)
         req.metrics.token_times.append(now)
         if req.logprobs is not None:
@@ -512,6 +559,10 @@ class Engine:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"{name} has token ids outside [0, {vocab}): {bad[:5]}")
+        if params.constraint is not None:
+            from jvt.structured import grammar
+
+            grammar(*params.constraint)  # ValueError naming the field if it does not compile
         bad = [t for t, _ in params.logit_bias if t >= vocab]
         if bad:
             raise ValueError(f"SamplingParams.logit_bias for {name} has token ids outside "
@@ -534,11 +585,16 @@ class Engine:
         seed = params.seed if params.seed is not None else \
             (self.config.seed * 1_000_003 + number) % 2**32
         seq = Sequence(str(number), ids, params, seed, owner)
+        matcher = None if params.constraint is None else self._constrainer().matcher(params)
         req = Request(seq, text, RequestMetrics(time.perf_counter(), prompt_tokens=len(ids)),
-                      self.tokenizer)
+                      self.tokenizer, matcher)
         self._requests[seq.request_id] = req
         self.scheduler.add(seq)
         return req
+
+
+def _constrained(entry) -> bool:
+    return entry.samples and entry.seq.params.constraint is not None
 
 
 def _is_token_list(x) -> bool:

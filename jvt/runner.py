@@ -99,35 +99,42 @@ def _from_wire(ints: jax.Array, floats: jax.Array, t: int, s: int) -> StepInputs
 _as_f32 = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
 
 
-def _step(weights, last_tokens, tables, ints, floats, *targets, t, s, greedy_only, penalize,
-          graphdef, treedef, store_id, tensor_parallel, split_vocab):
+def _step(weights, last_tokens, tables, ints, floats, *extra, t, s, greedy_only, penalize,
+          scoring, masked, graphdef, treedef, store_id, tensor_parallel, split_vocab):
     """One engine step: returns the new last_tokens and penalty tables, and [S, 2 + 2K]
-    float32 results (token id and top ids bit-cast), read back in one transfer; with
-    ``targets`` ([T] int32 next prompt token of each row, -1 for none: the scoring variant)
-    also [T, 2 + 2K] scores (``_score``). weights: the module's flat state (one device's
-    shards under tensor parallelism, where this runs inside shard_map). penalize: None
-    decides on the device whether any row is penalised (as greedy_only None)."""
+    float32 results (token id and top ids bit-cast), read back in one transfer. extra: with
+    ``scoring``, targets ([T] int32 next prompt token of each row, -1 for none), and the step
+    also returns [T, 2 + 2K] scores (``_score``); with ``masked``, masks ([S, ceil(V / 32)]
+    int32 allowed-token bits of each entry, jvt.structured). weights: the module's flat state
+    (one device's shards under tensor parallelism, where this runs inside shard_map).
+    penalize: None decides on the device whether any row is penalised (as greedy_only None)."""
     module = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
     lm_head = functools.partial(_lm_head, module, split_vocab)
     reduce = parallel.all_reduce if tensor_parallel else (lambda x: x)
     inputs = _from_wire(ints, floats, t, s)
+    masks = extra[-1] if masked else None
     last_tokens, tables, out, hidden = _forward(module, lm_head, reduce, store_id, last_tokens,
-                                                tables, inputs, greedy_only, penalize)
-    if not targets:
+                                                tables, inputs, greedy_only, penalize, masks)
+    if not scoring:
         return last_tokens, tables, out
-    return last_tokens, tables, out, _score(lm_head, hidden, targets[0])
+    return last_tokens, tables, out, _score(lm_head, hidden, extra[0])
 
 
 def _forward(module, lm_head, reduce, store_id, last_tokens, tables, inputs: StepInputs,
-             greedy_only, penalize):
+             greedy_only, penalize, masks=None):
     """The model over the step's rows, then each entry's sample: (last_tokens, tables,
-    [S, 2 + 2K] results, hidden [T, H])."""
+    [S, 2 + 2K] results, hidden [T, H]). masks: None or the allowed-token bits per entry."""
     prev = last_tokens[jnp.maximum(inputs.prev_slot, 0)]
     tokens = jnp.where(inputs.prev_slot >= 0, prev, inputs.tokens)
     hidden = module(tokens, inputs.meta, store_id=store_id, reduce=reduce)
     last_rows = jnp.maximum(inputs.meta.seq_start[1:] - 1, 0)  # [S] each entry's last row
     logits = lm_head(hidden[last_rows])
     choose = _penalized(logits, tables, inputs, penalize)
+    if masks is not None:
+        ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+        allowed = (masks[:, ids // 32] >> (ids % 32)) & 1  # [S, V]
+        base = logits.astype(jnp.float32) if choose is None else choose
+        choose = jnp.where(allowed != 0, base, -jnp.inf)
     r = sample(logits, inputs.sampling, greedy_only=greedy_only, choose=choose)
     slots = last_tokens.shape[0]
     target = jnp.where(inputs.keep, inputs.meta.seq_slot, slots)  # out of range: dropped
@@ -255,8 +262,8 @@ class Runner:
         self._set_rows = jax.jit(penalties.set_rows, donate_argnums=0)
         # greedy_only variants per shape: None = decided on the device (see sampling.sample)
         self.variants = (None,) if devices[0].platform == "cpu" else (True, False)
-        # (T, S, variant, scoring, K-step) -> compiled step
-        self.compiled: dict[tuple[int, int, bool | None, bool, bool], object] = {}
+        # (T, S, variant, scoring, K-step, masked) -> compiled step
+        self.compiled: dict[tuple[int, int, bool | None, bool, bool, bool], object] = {}
         self.num_compiles = 0
 
     def warmup(self) -> None:
@@ -284,8 +291,9 @@ class Runner:
         most = max(s for _, s in self.shapes)
         return sorted({bucket(self.shapes, n, n) for n in range(1, most + 1)})
 
-    def _compile(self, t: int, s: int, greedy_only: bool | None, scoring: bool, multi: bool):
-        key = (t, s, greedy_only, scoring, multi)
+    def _compile(self, t: int, s: int, greedy_only: bool | None, scoring: bool, multi: bool,
+                 masked: bool = False):
+        key = (t, s, greedy_only, scoring, multi, masked)
         if key not in self.compiled:
             penalize = None if greedy_only is None else not greedy_only
             static = {"t": t, "s": s, "greedy_only": greedy_only, "penalize": penalize,
@@ -293,13 +301,17 @@ class Runner:
                       "store_id": self.store.store_id, "tensor_parallel": self.mesh is not None,
                       "split_vocab": self.split_vocab}
             fn = (functools.partial(_multi_step, k=self.decode_steps, **static) if multi
-                  else functools.partial(_step, **static))
+                  else functools.partial(_step, scoring=scoring, masked=masked, **static))
             args = [self.last_tokens, self.tables,
                     *jax.device_put(_to_wire(_pack(None, t, s)), self.inputs_sharding)]
             if scoring:
                 args.append(jax.device_put(np.full(t, -1, np.int32), self.inputs_sharding))
             if multi:
                 args.append(jax.device_put(_stops(None, s, ()), self.inputs_sharding))
+            if masked:
+                words = (self.vocab + 31) // 32
+                args.append(jax.device_put(np.full((s, words), -1, np.int32),
+                                           self.inputs_sharding))
             if self.mesh is not None:
                 fn = parallel.shard_step(fn, self.mesh, self.specs, num_replicated=len(args))
             step = jax.jit(fn, donate_argnums=(1, 2))
@@ -307,9 +319,12 @@ class Runner:
             self.num_compiles += 1
         return self.compiled[key]
 
-    def launch(self, plan: StepPlan) -> tuple[jax.Array, jax.Array | None]:
+    def launch(self, plan: StepPlan, masks: np.ndarray | None = None
+               ) -> tuple[jax.Array, jax.Array | None]:
         """Enqueue the step of ``plan``; returns its device results without waiting: the
-        samples and, when an entry scores prompt tokens, the scores.
+        samples and, when an entry scores prompt tokens, the scores. masks: None, or the
+        [len(plan.entries), ceil(V / 32)] allowed-token bits of a plan with constrained
+        entries (the masked variant, compiled when first needed).
 
         EntryError (nothing enqueued) when one entry cannot be packed."""
         t, s = bucket(self.shapes, plan.num_tokens, len(plan.entries))
@@ -317,12 +332,16 @@ class Runner:
             e.seq.params.temperature == 0 and not e.seq.params.penalized for e in plan.entries)
         wire = _to_wire(_pack(plan, t, s))
         targets = _targets(plan, t)
-        multi = plan.steps > 1  # a pure-decode plan: never scores prompt rows
+        multi = plan.steps > 1  # a pure-decode plan without constraints: no scores, no masks
         extra = [] if targets is None else [targets]
         if multi:
             extra.append(_stops(plan, s, self.eos_ids))
+        if masks is not None:
+            padded = np.full((s, masks.shape[1]), -1, np.int32)
+            padded[:len(masks)] = masks
+            extra.append(padded)
         args = jax.device_put([*wire, *extra], self.inputs_sharding)
-        step = self._compile(t, s, greedy_only, targets is not None, multi)
+        step = self._compile(t, s, greedy_only, targets is not None, multi, masks is not None)
         self._write_penalty_rows(plan)
         # Every chunk the step reads is mapped before it is dispatched (the CUDA handler maps
         # nothing, so XLA can replay the step as a CUDA graph); one atomic load when the

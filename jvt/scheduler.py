@@ -280,12 +280,13 @@ class Scheduler:
 
     def _decode_steps(self) -> int:
         """Iterations the decode entries of this step may run: decode_steps when every running
-        sequence decodes and no request waits (a waiting request is admitted by the next
-        step, not after a K-step call), else 1."""
+        sequence decodes without a structured-output constraint and no request waits (a
+        waiting request is admitted by the next step, not after a K-step call), else 1."""
         if self.decode_steps == 1 or self.waiting:
             return 1
-        if any(seq.num_computed < len(seq.tokens) or not seq.pending for seq in self.running):
-            return 1
+        if any(seq.num_computed < len(seq.tokens) or not seq.pending
+               or seq.params.constraint is not None for seq in self.running):
+            return 1  # structured outputs: each token's mask needs the one before it
         return self.decode_steps
 
     def _next_entry(self, seq: Sequence, budget: int, steps: int = 1) -> Entry | None:

@@ -7,6 +7,7 @@ size), S the number of sequence entries of a step (a bucket size).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -58,6 +59,13 @@ class SamplingParams:
     log-probabilities (0..MAX_LOGPROBS) to return for every prompt position besides the prompt
     token's own (the first prompt token has none); such a request computes its whole prompt
     (no KV prefix is reused).
+
+    Structured outputs (at most one; jvt.structured, llguidance): json_schema (a JSON Schema,
+    a dict or its JSON text), regex (the output matches it), choice (the output is one of
+    these strings), grammar (a Lark grammar, or llama.cpp's GBNF when it has "::=" rules),
+    json_object (any JSON object). The allowed tokens of each step are masked on the device
+    before the token is chosen (greedy or sampled); once the constraint is complete only EOS
+    is allowed. A constraint the library refuses is a ValueError when the request is added.
     """
 
     temperature: float = 1.0
@@ -77,6 +85,11 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
     prompt_logprobs: int | None = None
+    json_schema: str | None = None  # a dict is kept as its canonical JSON text
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -111,6 +124,53 @@ class SamplingParams:
         _check_int("min_tokens", self.min_tokens, lo=0, hi=self.max_tokens)
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
+        self._check_constraint()
+
+    def _check_constraint(self) -> None:
+        schema = self.json_schema
+        if isinstance(schema, dict):
+            object.__setattr__(self, "json_schema", json.dumps(schema, sort_keys=True))
+        elif schema is not None:
+            try:
+                parsed = json.loads(schema) if isinstance(schema, str) else None
+            except ValueError:
+                parsed = None
+            if not isinstance(parsed, (dict, bool)):
+                raise ValueError("SamplingParams.json_schema must be a JSON Schema (a dict or "
+                                 f"its JSON text), got {str(schema)[:80]!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"SamplingParams.{name} must be a non-empty str, got {value!r}")
+        if self.choice is not None:
+            choice = tuple(self.choice) if isinstance(self.choice, (list, tuple)) else None
+            if not choice or not all(isinstance(c, str) and c for c in choice):
+                raise ValueError("SamplingParams.choice must be a non-empty list of non-empty "
+                                 f"strings, got {self.choice!r}")
+            object.__setattr__(self, "choice", choice)
+        if not isinstance(self.json_object, bool):
+            raise ValueError(f"SamplingParams.json_object must be a bool, got "
+                             f"{self.json_object!r}")
+        given = [n for n in CONSTRAINTS if getattr(self, n) not in (None, False)]
+        if len(given) > 1:
+            raise ValueError(f"SamplingParams.{given[1]}: at most one of {', '.join(CONSTRAINTS)} "
+                             f"may be given, got {' and '.join(given)}")
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(kind, spec) of the structured-output constraint, or None (spec: JSON text for
+        json_schema and choice, the text itself otherwise)."""
+        if self.json_schema is not None:
+            return "json_schema", self.json_schema
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", json.dumps(list(self.choice))
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        if self.json_object:
+            return "json_object", ""
+        return None
 
     @property
     def greedy(self) -> bool:
@@ -125,6 +185,7 @@ class SamplingParams:
 
 
 MAX_LOGPROBS = 8  # top log-probabilities the step computes for every sampled token
+CONSTRAINTS = ("json_schema", "regex", "choice", "grammar", "json_object")
 INT32_MAX = 2**31 - 1  # the largest value a step's int32 arrays hold (top_k, token ids)
 
 

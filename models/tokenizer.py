@@ -40,6 +40,8 @@ class Tokenizer(Protocol):
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
                             ) -> list[int]: ...
 
+    def hf_fast(self): ...  # a transformers fast tokenizer of the same ids
+
 
 def _with_bos(ids: list[int], add_bos: bool, bos_id: int | None) -> list[int]:
     if not add_bos:
@@ -117,6 +119,11 @@ class ByteTokenizer:
     def save_hf(self, directory: str | os.PathLike) -> None:
         """Write this tokenizer as a Hugging Face fast tokenizer (byte-level BPE, no merges,
         same ids and chat template), so that HFTokenizer reads it back identically."""
+        self.hf_fast().save_pretrained(os.fspath(directory))
+
+    def hf_fast(self):
+        """This tokenizer as a transformers fast tokenizer (the same ids; structured outputs'
+        grammar library reads the vocabulary from it)."""
         from tokenizers import Tokenizer as RawTokenizer
         from tokenizers import decoders, models, pre_tokenizers, processors
         from transformers import PreTrainedTokenizerFast
@@ -133,7 +140,7 @@ class ByteTokenizer:
         tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|bos|>",
                                       eos_token="<|eos|>", pad_token="<|pad|>")
         tok.chat_template = BYTE_CHAT_TEMPLATE
-        tok.save_pretrained(os.fspath(directory))
+        return tok
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -198,6 +205,10 @@ class HFTokenizer:
     def save_hf(self, directory: str | os.PathLike) -> None:
         """Write the wrapped tokenizer's files (with its chat template) to directory."""
         self._tok.save_pretrained(os.fspath(directory))
+
+    def hf_fast(self):
+        """The wrapped transformers tokenizer."""
+        return self._tok
 
 
 # Split regexes of the original tokenizer.json files of the byte-level BPE vocabularies that
@@ -319,6 +330,12 @@ class GGUFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._raw.decode(list(ids), skip_special_tokens=True)
+
+    def hf_fast(self):
+        """The tokenizer built from the GGUF file as a transformers fast tokenizer."""
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(tokenizer_object=self._raw)
 
     @functools.cached_property
     def max_token_bytes(self) -> int:
