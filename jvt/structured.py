@@ -20,9 +20,11 @@ from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark
 
 from jvt.types import SamplingParams
 
-# JSON is written as json.dumps writes it (", " and ": ", no other whitespace): a model
-# cannot spend its tokens on whitespace; a schema's "x-guidance" options override this.
-JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Whitespace between JSON tokens: what models write (newlines, indentation), at most 16
+# characters per gap so that a model cannot spend its tokens on whitespace (unbounded, a small
+# model can loop there; none at all, SmolLM2 writes garbage keys rather than "{" + newline). A
+# schema's "x-guidance" options override this.
+JSON_STYLE = {"whitespace_pattern": r"[\n\t ]{0,16}"}
 
 
 @functools.lru_cache(maxsize=256)

@@ -436,7 +436,6 @@ def test_fields_without_effect_are_accepted_and_change_nothing(http, route, extr
 
 
 REFUSED_FIELDS = [  # (route, extra fields, param): each would change the output
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]},
      "tools"),
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
@@ -450,8 +449,7 @@ REFUSED_FIELDS = [  # (route, extra fields, param): each would change the output
     # vLLM's and other servers' sampling extensions this server does not implement
     *[(route, {field: value}, field) for route in ("/v1/completions", "/v1/chat/completions")
       for field, value in {
-          "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["a"],
-          "structured_outputs": {"regex": "a+"}, "bad_words": ["x"], "allowed_token_ids": [1],
+          "bad_words": ["x"], "allowed_token_ids": [1],
           "use_beam_search": True, "length_penalty": 0.5, "include_stop_str_in_output": True,
           "skip_special_tokens": False, "truncate_prompt_tokens": 4, "typical_p": 0.5,
           "top_a": 0.1, "mirostat": 2, "logits_processors": ["x"], "dry_multiplier": 0.8,

@@ -30,7 +30,7 @@ SCHEMAS = [
      "required": ["n"], "additionalProperties": False},
     {"enum": [1, "two", None, True]},
 ]
-ENGINE = {"max_num_seqs": 8, "max_model_len": 256, "max_num_batched_tokens": 64,
+ENGINE = {"max_num_seqs": 8, "max_model_len": 640, "max_num_batched_tokens": 64,
           "token_buckets": (16, 64), "seq_buckets": (1, 8)}
 
 
@@ -43,7 +43,7 @@ def engine():
 
 @pytest.mark.parametrize("schema", SCHEMAS, ids=range(len(SCHEMAS)))
 def test_sampled_outputs_validate(engine, schema):
-    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=120, json_schema=schema)
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=400, json_schema=schema)
               for i in range(10)]
     outs = engine.generate(["Answer in JSON:"] * 10, params, use_tqdm=False)
     for o in outs:
@@ -53,7 +53,7 @@ def test_sampled_outputs_validate(engine, schema):
 
 
 def test_greedy_json_object_regex_choice_and_grammar(engine):
-    params = [SamplingParams(temperature=0.0, max_tokens=60, json_object=True),
+    params = [SamplingParams(temperature=0.0, max_tokens=400, json_object=True),
               SamplingParams(temperature=1.0, seed=3, max_tokens=30, regex=r"[a-c]{3}-[0-9]{2}"),
               SamplingParams(temperature=1.0, seed=4, max_tokens=30,
                              choice=["red", "green", "blue"]),
@@ -71,7 +71,7 @@ def test_greedy_json_object_regex_choice_and_grammar(engine):
 
 
 def test_streamed_equals_generated(engine):
-    params = SamplingParams(temperature=1.0, seed=9, max_tokens=80, json_schema=SCHEMAS[1])
+    params = SamplingParams(temperature=1.0, seed=9, max_tokens=400, json_schema=SCHEMAS[1])
     full = engine.generate(["S:"], params, use_tqdm=False)[0]
     assert "".join(d.text for d in engine.stream("S:", params)) == full.text
 
@@ -82,7 +82,7 @@ def test_plain_requests_in_a_constrained_batch_keep_their_tokens(engine):
     prompts = ["free one", "free two"]
     alone = engine.generate(prompts, plain, use_tqdm=False)
     mixed = engine.generate(prompts + ["J:", "K:"], plain + [
-        SamplingParams(temperature=1.0, seed=1, max_tokens=60, json_schema=SCHEMAS[0]),
+        SamplingParams(temperature=1.0, seed=1, max_tokens=400, json_schema=SCHEMAS[0]),
         SamplingParams(temperature=0.0, max_tokens=30, choice=["a", "b"])], use_tqdm=False)
     assert [o.token_ids for o in mixed[:2]] == [o.token_ids for o in alone]
     jsonschema.validate(json.loads(mixed[2].text), SCHEMAS[0])

@@ -5,8 +5,8 @@ OpenAPI schema shows them). Requests are validated strictly (no string-to-number
 integers within what the step's int32 arrays hold, floats finite, strings valid Unicode (no
 lone surrogates). Nothing is silently ignored: an unknown field is a 400 naming it, and a
 field of OpenAI's or vLLM's API that this server does not implement is accepted only with its
-no-effect value (``response_format: {"type": "text"}``, ``tools: []``, ``suffix: ""``, ...;
-see ``_inert``), a 400 naming it otherwise. Fields that change nothing about the output
+no-effect value (``tools: []``, ``suffix: ""``, ...; see ``_inert``), a 400 naming it
+otherwise. Fields that change nothing about the output
 (``user``, ``metadata``, ``store``, ``service_tier``) are accepted. ``jvt.SamplingParams``
 checks the sampling ranges once more (and the relations between fields: min_tokens <=
 max_tokens).
@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from jvt.types import INT32_MAX, MAX_LOGPROBS, SamplingParams
+from jvt.types import CONSTRAINTS, INT32_MAX, MAX_LOGPROBS, SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default for both endpoints
@@ -89,6 +89,51 @@ class StreamOptions(_Request):
     include_usage: bool = False  # a last chunk with "choices": [] and the request's usage
 
 
+class JsonSchemaFormat(_Request):
+    """response_format.json_schema (OpenAI's structured outputs)."""
+
+    name: Text = Field(min_length=1, max_length=64)
+    schema_: dict | None = Field(None, alias="schema")  # None: any JSON object
+    description: Text | None = None
+    strict: bool | None = None  # the output always follows the schema here
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is required with "type": "json_schema" and allowed '
+                             "only with it")
+        return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's structured_outputs: exactly one constraint."""
+
+    json_: dict | Text | None = Field(None, alias="json")  # a JSON Schema
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None  # Lark, or GBNF with "::=" rules
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [n for n in ("json_", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, n) not in (None, False)]
+        if len(given) != 1:
+            names = [n.rstrip("_") for n in given]
+            raise ValueError("exactly one of json, regex, choice, grammar, json_object must be "
+                             f"given, got {names or 'none'}")
+        return self
+
+
+CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar")
+
+
 class _SamplingRequest(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -116,8 +161,45 @@ class _SamplingRequest(_Request):
     repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)  # 1: off
     min_tokens: int = Field(0, ge=0, le=INT32_MAX)  # no EOS / stop before this many tokens
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top-k per prompt token
-    # Not implemented: accepted only with its no-effect value.
-    response_format: Annotated[dict[Text, Text] | None, _inert({"type": "text"})] = None
+    # Structured outputs (at most one of these; jvt.SamplingParams' constraints)
+    response_format: ResponseFormat | None = None  # OpenAI's
+    structured_outputs: StructuredOutputs | None = None  # vLLM's
+    guided_json: dict | Text | None = None  # vLLM's older fields
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
+
+    def constraint_fields(self) -> list[str]:
+        """The request fields that constrain the output (response_format "text" does not)."""
+        given = [n for n in CONSTRAINT_FIELDS if getattr(self, n) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            given.remove("response_format")
+        return given
+
+    def renames(self) -> dict[str, str]:
+        """SamplingParams field -> the request field that set it, where they differ (for the
+        param of a 400)."""
+        given = self.constraint_fields()
+        return dict.fromkeys(CONSTRAINTS, given[0]) if given else {}
+
+    def constraint(self) -> dict:
+        """The jvt.SamplingParams constraint fields of this request."""
+        rf, so = self.response_format, self.structured_outputs
+        if rf is not None and rf.type == "json_object":
+            return {"json_object": True}
+        if rf is not None and rf.type == "json_schema":
+            schema = rf.json_schema.schema_
+            return {"json_object": True} if schema is None else {"json_schema": schema}
+        if so is not None:
+            if so.json_ is not None:
+                return {"json_schema": so.json_}
+            return {n: getattr(so, n) for n in ("regex", "choice", "grammar", "json_object")
+                    if getattr(so, n) not in (None, False)}
+        for field, name in (("guided_json", "json_schema"), ("guided_regex", "regex"),
+                            ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            if getattr(self, field) is not None:
+                return {name: getattr(self, field)}
+        return {}
 
     @property
     def include_usage(self) -> bool:
@@ -138,7 +220,7 @@ class _SamplingRequest(_Request):
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
             "logit_bias": self.logit_bias or {}, "min_tokens": self.min_tokens,
-            "prompt_logprobs": prompt_logprobs}
+            "prompt_logprobs": prompt_logprobs, **self.constraint()}
         if self.seed is None:
             return [SamplingParams(**base)] * self.n
         return [SamplingParams(**base, seed=(self.seed + i) % 2**32) for i in range(self.n)]

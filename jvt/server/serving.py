@@ -188,6 +188,23 @@ class ServingContext:
         except (ValueError, TemplateError) as e:
             raise APIError(400, f"messages: {e}", "messages") from None
 
+    @staticmethod
+    def check_constraint(req, params: list[SamplingParams]) -> None:
+        """400 for more than one constraining field (param: the second), or a constraint the
+        grammar library refuses (param: the field that carried it), before anything is
+        tokenized or queued."""
+        given = req.constraint_fields()
+        if len(given) > 1:
+            raise APIError(400, f"at most one of {', '.join(given)} may constrain the output",
+                           given[1])
+        if given and params[0].constraint is not None:
+            from jvt.structured import grammar
+
+            try:
+                grammar(*params[0].constraint)
+            except ValueError as e:
+                raise APIError(400, f"{given[0]}: {e}", given[0]) from None
+
     def check_room(self, ids: list[int], max_tokens: int | None, name: str, prompt_field: str,
                    field: str) -> None:
         """400 (param ``prompt_field``) for a prompt that leaves no room in the model's context,

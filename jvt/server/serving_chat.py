@@ -52,7 +52,8 @@ class ChatServing:
         try:
             params = req.sampling_params(ctx.max_model_len)
         except ValueError as e:
-            raise bad_sampling_params(e, {"logprobs": "top_logprobs"}) from None
+            raise bad_sampling_params(e, {"logprobs": "top_logprobs", **req.renames()}) from None
+        ctx.check_constraint(req, params)
         ids = await ctx.chat_ids(messages)
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         ctx.check_room(ids, req.max_completion_tokens if req.max_completion_tokens is not None

@@ -51,7 +51,8 @@ class CompletionServing:
         try:
             params = req.sampling_params(ctx.max_model_len)
         except ValueError as e:
-            raise bad_sampling_params(e) from None
+            raise bad_sampling_params(e, req.renames()) from None
+        ctx.check_constraint(req, params)
         ids = list(prompts)
         for i, encoded in zip(texts, await ctx.encode([prompts[i] for i in texts])):
             ids[i] = encoded
