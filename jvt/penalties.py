@@ -35,10 +35,6 @@ class PenaltyTables:
                                             np.zeros((slots, vocab), np.uint8),
                                             np.zeros((slots, vocab), np.float32)), sharding)
 
-    @property
-    def nbytes(self) -> int:
-        return self.counts.nbytes + self.flags.nbytes + self.bias.nbytes
-
 
 def rows(params: SamplingParams, tokens: list[int], num_prompt: int, vocab: int,
          eos_ids: tuple[int, ...]) -> PenaltyTables:

@@ -108,9 +108,7 @@ def _step(weights, last_tokens, tables, ints, floats, *extra, t, s, greedy_only,
     int32 allowed-token bits of each entry, jvt.structured). weights: the module's flat state
     (one device's shards under tensor parallelism, where this runs inside shard_map).
     penalize: None decides on the device whether any row is penalised (as greedy_only None)."""
-    module = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
-    lm_head = functools.partial(_lm_head, module, split_vocab)
-    reduce = parallel.all_reduce if tensor_parallel else (lambda x: x)
+    module, lm_head, reduce = _merged(weights, graphdef, treedef, split_vocab, tensor_parallel)
     inputs = _from_wire(ints, floats, t, s)
     masks = extra[-1] if masked else None
     last_tokens, tables, out, hidden = _forward(module, lm_head, reduce, store_id, last_tokens,
@@ -152,9 +150,7 @@ def _multi_step(weights, last_tokens, tables, ints, floats, stops, *, t, s, k, g
     every row is done are left zero). stops: [S, 1 + MAX_DEVICE_STOPS] int32, per entry the
     iterations it may run (0 for padding) and the token ids that end it (-1: none). A token
     ends its row only once the row has min_tokens outputs, as on the host."""
-    module = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
-    lm_head = functools.partial(_lm_head, module, split_vocab)
-    reduce = parallel.all_reduce if tensor_parallel else (lambda x: x)
+    module, lm_head, reduce = _merged(weights, graphdef, treedef, split_vocab, tensor_parallel)
     first = _from_wire(ints, floats, t, s)
     limit, stop_ids = stops[:, 0], stops[:, 1:]
     meta, sp = first.meta, first.sampling
@@ -182,6 +178,15 @@ def _multi_step(weights, last_tokens, tables, ints, floats, stops, *, t, s, k, g
     _, last_tokens, tables, outs, _ = jax.lax.while_loop(
         lambda c: (c[0] < k) & ~jnp.all(c[4]), lambda c: (c[0] + 1, *run(*c)), carry)
     return last_tokens, tables, outs
+
+
+def _merged(weights, graphdef, treedef, split_vocab: bool, tensor_parallel: bool):
+    """Inside a step's trace: the module from its flat weights, its LM head (gathering a split
+    vocabulary) and the all-reduce of its layers (identity without tensor parallelism)."""
+    module = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
+    lm_head = functools.partial(_lm_head, module, split_vocab)
+    reduce = parallel.all_reduce if tensor_parallel else (lambda x: x)
+    return module, lm_head, reduce
 
 
 def _lm_head(module, split_vocab: bool, hidden: jax.Array) -> jax.Array:

@@ -7,6 +7,7 @@ size), S the number of sequence entries of a step (a bucket size).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 
@@ -156,7 +157,7 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.{given[1]}: at most one of {', '.join(CONSTRAINTS)} "
                              f"may be given, got {' and '.join(given)}")
 
-    @property
+    @functools.cached_property
     def constraint(self) -> tuple[str, str] | None:
         """(kind, spec) of the structured-output constraint, or None (spec: JSON text for
         json_schema and choice, the text itself otherwise)."""
@@ -176,7 +177,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
+    @functools.cached_property
     def penalized(self) -> bool:
         """Whether the step changes this request's logits before choosing a token."""
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
