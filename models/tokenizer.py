@@ -32,13 +32,14 @@ class Tokenizer(Protocol):
     eos_ids: tuple[int, ...]
     add_bos: bool
     max_token_bytes: int  # no token covers more UTF-8 bytes of text (bounds tokens from bytes)
+    chat_template: str | None  # Jinja source (None: no chat template)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
-                            ) -> list[int]: ...
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]: ...
 
     def hf_fast(self): ...  # a transformers fast tokenizer of the same ids
 
@@ -101,10 +102,15 @@ class ByteTokenizer:
         out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
-                            ) -> list[int]:
-        """[bos] (<|role|> content <|end|>)* [<|assistant|>]; roles: system, user, assistant."""
+    chat_template = BYTE_CHAT_TEMPLATE
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
+        """[bos] (<|role|> content <|end|>)* [<|assistant|>]; roles: system, user, assistant.
+        The template takes no tools (jvt.tools.inline_tools writes them into the messages)."""
         _check_messages(messages)
+        if tools:
+            raise ValueError("the byte tokenizer's chat template takes no tools")
         ids = [self.bos_id]
         for m in messages:
             if m["role"] not in ROLES:
@@ -192,14 +198,18 @@ class HFTokenizer:
             decoded = [self._tok.decode([i], skip_special_tokens=False) for i in ids]
         return _longest_spelling(spellings + decoded)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
-                            ) -> list[int]:
+    @property
+    def chat_template(self) -> str | None:
+        return self._tok.chat_template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
         """Render the checkpoint's chat template to text (it writes its own BOS), then encode."""
         _check_messages(messages)
         if not self._tok.chat_template:
             raise _no_chat_template(f"the tokenizer of {self._tok.name_or_path}")
         text = self._tok.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
         return self._tok.encode(text, add_special_tokens=False)
 
     def save_hf(self, directory: str | os.PathLike) -> None:
@@ -344,13 +354,13 @@ class GGUFTokenizer:
                                          skip_special_tokens=False)
         return _longest_spelling(self._tokens + decoded)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
-                            ) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
         """Render the file's chat template to text (it writes its own BOS), then encode."""
         _check_messages(messages)
         if not self.chat_template:
             raise _no_chat_template(f"the GGUF file {self.path}")
-        text = self._template.render(messages=messages, tools=None, documents=None,
+        text = self._template.render(messages=messages, tools=tools, documents=None,
                                      add_generation_prompt=add_generation_prompt,
                                      **self._special_tokens)
         return self.encode(text)

@@ -436,9 +436,6 @@ def test_fields_without_effect_are_accepted_and_change_nothing(http, route, extr
 
 
 REFUSED_FIELDS = [  # (route, extra fields, param): each would change the output
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]},
-     "tools"),
-    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
     ("/v1/completions", {"suffix": "END"}, "suffix"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
     ("/v1/completions", {"temprature": 0.0}, "temprature"),

@@ -80,7 +80,8 @@ GENERATE_ERRORS = (400, 401, 404, 408, 413, 500, 503)
 def create_app(bridge: EngineFront, *, served_names: list[str], root: str,
                metrics: ServerMetrics, api_key: str | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, ui: bool = True) -> FastAPI:
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, ui: bool = True,
+               tool_parser: str | None = None) -> FastAPI:
     """The app in front of a started ``bridge``.
 
     served_names: model names requests may give (the first is the default); root: what
@@ -88,10 +89,10 @@ def create_app(bridge: EngineFront, *, served_names: list[str], root: str,
     /metrics) needs ``Authorization: Bearer <api_key>``, /docs and /openapi.json included;
     max_request_bytes, body_timeout_s: see ``limits.RequestGuard``; ui: serve the chat page
     (``ui/``) at / (without the key: it holds no data, and calls the API with the key the user
-    enters).
+    enters); tool_parser: the tool-call format (jvt.tools.PARSERS; None: the chat template's).
     """
     app = FastAPI(title="jvt", version=jvt.__version__)
-    ctx = ServingContext(bridge, served_names, root)
+    ctx = ServingContext(bridge, served_names, root, tool_parser)
     completions, chat, tokens = CompletionServing(ctx), ChatServing(ctx), TokenizeServing(ctx)
     _install_error_handlers(app)
     app.add_middleware(RequestGuard, api_key=api_key, max_request_bytes=max_request_bytes,

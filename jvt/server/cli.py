@@ -18,6 +18,7 @@ from jvt.server.limits import (
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_REQUEST_BYTES,
 )
+from jvt.tools import PARSERS
 
 ENGINE_FLAGS = (  # flag, type, help; each given flag becomes the EngineConfig field of its name
     ("--device", str, "cpu, cuda or cuda:N (default cpu)"),
@@ -67,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-in-process", action="store_true",
                         help="run the engine on a thread of the HTTP server's process instead "
                              "of a process of its own (docs/server.md, Process layout)")
+    parser.add_argument("--tool-call-parser", default="auto", choices=["auto", *PARSERS],
+                        help="the format of the model's tool calls (default auto: chosen from "
+                             "its chat template; docs/server.md, Tool calling)")
     parser.add_argument("--no-ui", dest="ui", action="store_false",
                         help="do not serve the chat page at / (served by default)")
     parser.add_argument("--log-level", default="info",
@@ -158,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
         "in this process" if args.engine_in_process else f"engine process pid {bridge.pid}")
     app = create_app(bridge, served_names=names, root=args.model, metrics=metrics,
                      api_key=args.api_key, max_request_bytes=args.max_request_bytes,
-                     body_timeout_s=args.body_timeout, ui=args.ui)
+                     body_timeout_s=args.body_timeout, ui=args.ui,
+                     tool_parser=None if args.tool_call_parser == "auto" else args.tool_call_parser)
     if args.ui:
         log.info("chat page: http://%s:%d/", args.host, args.port)
     try:

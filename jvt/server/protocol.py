@@ -5,7 +5,7 @@ OpenAPI schema shows them). Requests are validated strictly (no string-to-number
 integers within what the step's int32 arrays hold, floats finite, strings valid Unicode (no
 lone surrogates). Nothing is silently ignored: an unknown field is a 400 naming it, and a
 field of OpenAI's or vLLM's API that this server does not implement is accepted only with its
-no-effect value (``tools: []``, ``suffix: ""``, ...; see ``_inert``), a 400 naming it
+no-effect value (``suffix: ""``, ...; see ``_inert``), a 400 naming it
 otherwise. Fields that change nothing about the output
 (``user``, ``metadata``, ``store``, ``service_tier``) are accepted. ``jvt.SamplingParams``
 checks the sampling ranges once more (and the relations between fields: min_tokens <=
@@ -14,6 +14,7 @@ max_tokens).
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Literal
 
@@ -31,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from jvt import tools as tool_calls
 from jvt.types import CONSTRAINTS, INT32_MAX, MAX_LOGPROBS, SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -206,8 +208,9 @@ class _SamplingRequest(_Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None,
-                         prompt_logprobs: int | None) -> list[SamplingParams]:
-        """One SamplingParams per choice (ValueError from SamplingParams for bad ranges)."""
+                         prompt_logprobs: int | None, constraint: dict) -> list[SamplingParams]:
+        """One SamplingParams per choice (ValueError from SamplingParams for bad ranges);
+        ``constraint``: its constraint fields."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         base = {
             "temperature": DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
@@ -220,7 +223,7 @@ class _SamplingRequest(_Request):
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
             "logit_bias": self.logit_bias or {}, "min_tokens": self.min_tokens,
-            "prompt_logprobs": prompt_logprobs, **self.constraint()}
+            "prompt_logprobs": prompt_logprobs, **constraint}
         if self.seed is None:
             return [SamplingParams(**base)] * self.n
         return [SamplingParams(**base, seed=(self.seed + i) % 2**32) for i in range(self.n)]
@@ -283,7 +286,8 @@ class CompletionRequest(_SamplingRequest):
 
     def sampling_params(self, max_model_len: int) -> list[SamplingParams]:
         max_tokens = max_model_len if self.max_tokens is None else self.max_tokens
-        return self._sampling_params(max_tokens, self.logprobs, self.scored_prompt)
+        return self._sampling_params(max_tokens, self.logprobs, self.scored_prompt,
+                                     self.constraint())
 
     @property
     def scored_prompt(self) -> int | None:
@@ -299,9 +303,44 @@ class TextPart(_Request):
     text: Text
 
 
+class CalledFunction(_Request):
+    name: Text
+    arguments: Text  # a JSON object as text, as the API returned it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"must be a JSON object as text, got {value[:80]!r}")
+        return value
+
+
+class MessageToolCall(_Request):
+    """A tool call of an earlier assistant turn."""
+
+    id: Text
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: system
     content: Text | list[TextPart] | None = None  # parts are joined with newlines (vLLM)
+    tool_calls: list[MessageToolCall] | None = None  # assistant turns only
+    tool_call_id: Text | None = None  # tool turns only: the call this result answers
+
+    @model_validator(mode="after")
+    def _tool_fields_by_role(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls is allowed only in assistant messages, not in "
+                             f"{self.role!r} ones")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool_call_id is required in tool messages and allowed only there")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -309,8 +348,44 @@ class ChatMessage(_Request):
         return self.content or ""
 
     def as_template(self) -> dict:
-        """The message as the chat template takes it."""
-        return {"role": self.role, "content": self.text()}
+        """The message as the chat template takes it (tool_calls: [(name, arguments)],
+        jvt.tools' form; jvt.tools.template_messages writes transformers' form)."""
+        m = {"role": "system" if self.role == "developer" else self.role,
+             "content": self.text()}
+        if self.tool_calls:
+            m["tool_calls"] = [(c.function.name, json.loads(c.function.arguments))
+                               for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        return m
+
+
+class FunctionDef(_Request):
+    name: Text = Field(pattern=tool_calls.NAME_PATTERN)
+    description: Text | None = None
+    parameters: dict | None = None  # JSON Schema of the arguments; None: no arguments
+    strict: bool | None = None  # constrained calls always follow the schema
+
+
+class ToolDef(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+    def as_tool(self) -> tool_calls.Tool:
+        f = self.function
+        return tool_calls.Tool(f.name, f.description, f.parameters)
+
+
+class FunctionName(_Request):
+    name: Text
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -321,9 +396,67 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: Count | None = None  # neither: what is left of max_model_len
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: Annotated[list[dict] | None, _inert([])] = None
-    tool_choice: Annotated[Text | dict | None, _inert("none", "auto")] = None
-    parallel_tool_calls: bool | None = None  # only meaningful with tools
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
+    parallel_tool_calls: bool = True  # more than one call in a turn
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, value: list[ToolDef] | None):
+        names = [t.function.name for t in value or ()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"function names must be unique, {twice} appear more than once")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_of_tools(cls, value: ToolChoice | None, info: ValidationInfo):
+        names = [t.function.name for t in info.data.get("tools") or ()]
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise ValueError(f"names function {value.function.name!r}, which is not in tools "
+                             f"({names or 'none given'})")
+        if value == "required" and not names:
+            raise ValueError('"required" needs at least one tool in tools')
+        return value
+
+    @property
+    def tool_mode(self) -> str:
+        """ "none", "auto", "required" or "named" (the output is one call of that function)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        if self.tool_choice == "required":
+            return "required"
+        return "auto" if self.tools and self.tool_choice != "none" else "none"
+
+    def tool_list(self) -> list[tool_calls.Tool]:
+        """The tools shown to the model (none with tool_choice "none")."""
+        if self.tool_mode == "none":
+            return []
+        return [t.as_tool() for t in self.tools or ()]
+
+    def constraint_fields(self) -> list[str]:
+        """tool_choice constrains the output when "required" or named."""
+        given = super().constraint_fields()
+        return given + ["tool_choice"] if self.tool_mode in ("required", "named") else given
+
+    def chat_constraint(self, parser: str) -> dict:
+        """The SamplingParams constraint fields: tool calls in ``parser``'s format for
+        "required" and named; for "auto" with a JSON response_format, that JSON or calls;
+        else the structured-output fields'."""
+        base, mode = self.constraint(), self.tool_mode
+        tools = self.tool_list()
+        if mode == "named":
+            tools = [t for t in tools if t.name == self.tool_choice.function.name]
+        if mode in ("required", "named"):
+            return {"grammar": tool_calls.call_grammar(tools, self.parallel_tool_calls and
+                                                       mode == "required", parser)}
+        if mode == "auto" and base.keys() & {"json_schema", "json_object"}:
+            schema = base.get("json_schema", {"type": "object"})
+            schema = json.loads(schema) if isinstance(schema, str) else schema
+            return {"grammar": tool_calls.call_grammar(tools, self.parallel_tool_calls, parser,
+                                                       schema)}
+        return base
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self):
@@ -331,11 +464,13 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
-    def sampling_params(self, max_model_len: int) -> list[SamplingParams]:
+    def sampling_params(self, max_model_len: int, tool_parser: str = tool_calls.HERMES
+                        ) -> list[SamplingParams]:
         max_tokens = next((m for m in (self.max_completion_tokens, self.max_tokens)
                            if m is not None), max_model_len)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs)
+        return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs,
+                                     self.chat_constraint(tool_parser))
 
 
 def _tokenize_form(value) -> str:
@@ -356,6 +491,7 @@ class TokenizeChatRequest(_Request):
 
     model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolDef] | None = None  # shown to the model as chat completions would
     add_generation_prompt: Annotated[bool, _inert(True)] = True
     continue_final_message: Annotated[bool, _inert(False)] = False
     add_special_tokens: Annotated[bool, _inert(False)] = False  # the template writes its own
@@ -447,9 +583,21 @@ class ChatLogprobs(_Response):
     content: list[TokenLogprob]
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # a JSON object as text
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None: the turn is only tool calls
+    tool_calls: list[ToolCallOut] | None = _omitted_if_none()
 
 
 class ChatChoice(_Response):
@@ -469,9 +617,19 @@ class ChatCompletionResponse(_Response):
     prompt_logprobs: PromptLogprobs | None = _omitted_if_none()  # when the request asked
 
 
+class ToolCallDelta(_Response):
+    """A whole call in one delta: its index in the turn, id, name and arguments."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatDelta(_Response):
     role: Literal["assistant"] | None = _omitted_if_none()
     content: str | None = _omitted_if_none()
+    tool_calls: list[ToolCallDelta] | None = _omitted_if_none()
 
 
 class ChatStreamChoice(_Response):

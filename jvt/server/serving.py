@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from jvt import tools
 from jvt.server.bridge import (
     EngineDeadError,
     EngineFront,
@@ -126,13 +127,16 @@ class ServingContext:
     """The server's view of its engine: names, limits, and submission of requests.
 
     served_names: the model names requests may use (the first one is reported back).
-    root: what --model named.
+    root: what --model named. forced_parser: the tool-call format to use (None: the chat
+    template's, jvt.tools.parser_for).
     """
 
-    def __init__(self, bridge: EngineFront, served_names: list[str], root: str):
+    def __init__(self, bridge: EngineFront, served_names: list[str], root: str,
+                 forced_parser: str | None = None):
         self.bridge = bridge
         self.served_names = served_names
         self.root = root
+        self.forced_parser = forced_parser
 
     @property
     def tokenizer(self):
@@ -179,12 +183,25 @@ class ServingContext:
         return await asyncio.to_thread(lambda: [tok.encode(t, add_bos=tok.add_bos)
                                                 for t in texts])
 
-    async def chat_ids(self, messages: list[dict]) -> list[int]:
-        """The chat template rendered and tokenized, on a worker thread; a conversation the
-        template refuses is a 400 (param messages)."""
+    @property
+    def tool_parser(self) -> str:
+        """The tool-call format: --tool-call-parser, else the chat template's."""
+        return self.forced_parser or tools.parser_for(self.tokenizer.chat_template)
+
+    async def chat_ids(self, messages: list[dict], tool_list: list[tools.Tool] = ()
+                       ) -> list[int]:
+        """The chat template rendered with ``tool_list`` and tokenized, on a worker thread;
+        a template that takes no tools gets them written into the messages
+        (jvt.tools.inline_tools). A conversation the template refuses is a 400 (param
+        messages)."""
+        if tools.takes_tools(self.tokenizer.chat_template):
+            messages = tools.template_messages(messages)
+            given = [t.as_template() for t in tool_list] or None
+        else:
+            messages, given = tools.inline_tools(messages, list(tool_list)), None
         try:
             return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages,
-                                           add_generation_prompt=True)
+                                           add_generation_prompt=True, tools=given)
         except (ValueError, TemplateError) as e:
             raise APIError(400, f"messages: {e}", "messages") from None
 

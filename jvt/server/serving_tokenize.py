@@ -26,7 +26,8 @@ class TokenizeServing:
         ctx.model_name(form.model)
         tok = ctx.tokenizer
         if isinstance(form, TokenizeChatRequest):
-            ids = await ctx.chat_ids([m.as_template() for m in form.messages])
+            ids = await ctx.chat_ids([m.as_template() for m in form.messages],
+                                     [t.as_tool() for t in form.tools or ()])
         else:
             add_bos = form.add_special_tokens and tok.add_bos
             ids = await asyncio.to_thread(tok.encode, form.prompt, add_bos=add_bos)
