@@ -175,8 +175,9 @@ def call_grammar(tools: list[Tool], parallel: bool, parser: str,
 
 
 def _calls(body: str, names: set[str], parser: str) -> list[ToolCall] | None:
-    """The calls written in ``body`` (a hermes block, or a llama3_json output); None when it
-    is not JSON of known functions (then it stays content)."""
+    """The calls written in ``body`` (a hermes block, or a llama3_json output; an empty list,
+    SmolLM2's "no call", is none); None when it is not JSON of known functions (then it stays
+    content)."""
     try:
         value = json.loads(body)
     except ValueError:
@@ -200,7 +201,7 @@ def _calls(body: str, names: set[str], parser: str) -> list[ToolCall] | None:
         if not isinstance(args, dict):
             return None
         calls.append(ToolCall.new(item["name"], args))
-    return calls or None
+    return calls
 
 
 def _held(text: str, marker: str) -> int:
@@ -246,7 +247,8 @@ class ToolParser:
                     content += f"{OPEN}{body}{CLOSE}"
                 else:
                     calls += found
-                    self.called = self.after_call = True
+                    self.called = self.called or bool(found)
+                    self.after_call = True
                 continue
             if self.after_call:
                 self.buf = self.buf.lstrip()
@@ -285,7 +287,7 @@ class ToolParser:
         self.inside = False
         found = _calls(text.strip(), self.names, self.parser)
         if found is not None:
-            self.called = True
+            self.called = self.called or bool(found)
             return "", found
         return (text if self.parser == LLAMA3_JSON else f"{OPEN}{text}"), []
 

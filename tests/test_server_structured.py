@@ -123,9 +123,63 @@ class Pet(BaseModel):
     colours: list[Colour] = Field(max_length=3)
 
 
-def test_openai_parse_with_pydantic_models_on_smollm2():
-    server = RemoteServer(["--model", "smollm2-135m", "--max-num-seqs", "4",
-                           "--max-num-batched-tokens", "128", "--max-model-len", "1024"])
+@pytest.fixture(scope="module")
+def smollm2():
+    s = RemoteServer(["--model", "smollm2-135m", "--max-num-seqs", "8",
+                      "--max-num-batched-tokens", "128", "--max-model-len", "1024"])
+    yield s
+    s.stop()
+
+
+SMOLLM2_SCHEMAS = [  # strings and numbers bounded: 160 tokens hold any output
+    {"$defs": {"Colour": {**Colour.model_json_schema(), "additionalProperties": False}},
+     "type": "object", "properties": {
+        "kind": {"enum": ["cat", "dog", "fish"]},
+        "name": {"type": "string", "pattern": "^[A-Z][a-z]{1,8}$"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+        "nickname": {"anyOf": [{"type": "string", "maxLength": 12}, {"type": "null"}]},
+        "colours": {"type": "array", "items": {"$ref": "#/$defs/Colour"}, "maxItems": 3}},
+     "required": ["kind", "name", "age", "colours"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "population": {"type": "integer", "minimum": 0, "maximum": 99_999_999}},
+     "required": ["city", "population"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "number", "minimum": -10, "maximum": 10},
+     "minItems": 1, "maxItems": 5},
+    {"type": "object", "properties": {
+        "person": {"type": "object", "properties": {
+            "first": {"type": "string", "pattern": "^[A-Za-z]{1,12}$"},
+            "age": {"type": ["integer", "null"], "minimum": 0, "maximum": 120}},
+            "required": ["first", "age"], "additionalProperties": False},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 4}},
+     "required": ["person", "tags"], "additionalProperties": False},
+    {"anyOf": [{"type": "boolean"}, {"type": "string", "enum": ["unknown", "maybe"]},
+               {"type": "object", "properties": {"v": {"type": "integer", "minimum": 1,
+                                                       "maximum": 9}},
+                "required": ["v"], "additionalProperties": False}]},
+]
+
+
+@pytest.mark.parametrize("schema", SMOLLM2_SCHEMAS, ids=range(len(SMOLLM2_SCHEMAS)))
+def test_50_sampled_smollm2_outputs_validate(smollm2, schema):
+    """One request, n=50 seeded choices at temperature 1: every one follows the schema."""
+    with smollm2.http() as http:
+        r = http.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Reply with JSON."}], "n": 50, "seed": 1,
+            "temperature": 1.0, "max_tokens": 160, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "s", "schema": schema}}},
+            timeout=300)  # 50 outputs of a 2-core CPU
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == 50
+    for c in choices:
+        assert c["finish_reason"] == "stop", c
+        jsonschema.validate(json.loads(c["message"]["content"]), schema)
+    assert len({c["message"]["content"] for c in choices}) > 5  # sampling still varies
+
+
+def test_openai_parse_with_pydantic_models_on_smollm2(smollm2):
+    server = smollm2
     try:
         client = server.openai()
         for seed in range(3):
@@ -150,5 +204,3 @@ def test_openai_parse_with_pydantic_models_on_smollm2():
     except BaseException:
         print(server.log()[-20000:])
         raise
-    finally:
-        server.stop()
