@@ -3,7 +3,8 @@ schema-constrained requests against unconstrained ones (SmolLM2 on the CPU, batc
 
     python -m bench.structured --json out.json [--model smollm2-135m] [--repeats 3]
 
-compile: llguidance grammar + matcher of each schema, cache cleared (median of 5). mask: the
+compile: llguidance grammar + matcher of each schema, and of the tool-call grammar of TOOLS
+(tool_choice "required", SmolLM2's hermes_list format), cache cleared (median of 5). mask: the
 host time of Constrainer.masks per constrained row and step during the constrained runs.
 Rate: 8 chat requests decoding to 96 new tokens (constrained: a JSON schema whose string field
 takes up to 400 characters, so that outputs run to max_tokens like the unconstrained ones,
@@ -37,6 +38,14 @@ SCHEMAS = {
         "story": {"type": "string", "minLength": 400, "maxLength": 400}},
         "required": ["title", "story"], "additionalProperties": False},
 }
+TOOLS = [{"name": "get_weather", "parameters": {
+              "type": "object", "properties": {"city": {"type": "string"},
+                                               "unit": {"enum": ["celsius", "fahrenheit"]}},
+              "required": ["city"]}},
+         {"name": "search", "parameters": {
+              "type": "object", "properties": {"query": {"type": "string"},
+                                               "limit": {"type": "integer", "minimum": 1}},
+              "required": ["query"]}}]
 BATCH = 8
 NEW_TOKENS = 96
 MESSAGES = [{"role": "system", "content": "You answer in JSON."},
@@ -44,17 +53,21 @@ MESSAGES = [{"role": "system", "content": "You answer in JSON."},
 
 
 def compile_times(tokenizer, vocab: int, eos: tuple[int, ...]) -> dict[str, float]:
-    from jvt import structured
+    from jvt import structured, tools
     from jvt.types import SamplingParams
 
     c = structured.Constrainer(tokenizer, vocab, eos)
+    calls = tools.call_grammar([tools.Tool(t["name"], None, t["parameters"]) for t in TOOLS],
+                               True, tools.HERMES_LIST)
+    constraints = {name: SamplingParams(json_schema=schema) for name, schema in SCHEMAS.items()}
+    constraints["tool calls"] = SamplingParams(grammar=calls)
     out = {}
-    for name, schema in SCHEMAS.items():
+    for name, params in constraints.items():
         times = []
         for _ in range(5):
             structured.grammar.cache_clear()
             t = time.perf_counter()
-            c.matcher(SamplingParams(json_schema=schema))
+            c.matcher(params)
             times.append(time.perf_counter() - t)
         out[name] = statistics.median(times) * 1e3
     return out
