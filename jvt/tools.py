@@ -26,12 +26,12 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from jvt.structured import JSON_STYLE
+
 HERMES, HERMES_LIST, LLAMA3_JSON = "hermes", "hermes_list", "llama3_json"
 PARSERS = (HERMES, HERMES_LIST, LLAMA3_JSON)
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
-# Whitespace inside constrained arguments, as for structured outputs (jvt.structured).
-_JSON_STYLE = {"whitespace_pattern": r"[\n\t ]{0,16}"}
 _NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
@@ -57,7 +57,7 @@ class ToolCall:
 
     name: str
     arguments: str
-    id: str = ""
+    id: str
 
     @staticmethod
     def new(name: str, arguments: dict) -> ToolCall:
@@ -106,6 +106,7 @@ def inline_tools(messages: list[dict], tools: list[Tool]) -> list[dict]:
     messages: dicts of role, content and, for assistants, ``tool_calls`` [(name, arguments)].
     """
     out: list[dict] = []
+    after_result = False  # the last message written is a turn of tool results
     if tools:
         prompt = tool_prompt(tools)
         if messages and messages[0]["role"] == "system":
@@ -115,17 +116,18 @@ def inline_tools(messages: list[dict], tools: list[Tool]) -> list[dict]:
     for m in messages:
         if m["role"] == "tool":
             block = f"<tool_response>\n{m['content']}\n</tool_response>"
-            if out and out[-1].get("tool_results"):
+            if after_result:
                 out[-1]["content"] += "\n" + block
             else:
-                out.append({"role": "user", "content": block, "tool_results": True})
+                out.append({"role": "user", "content": block})
         elif m.get("tool_calls"):
             calls = _calls_text(m["tool_calls"])
             out.append({"role": "assistant",
                         "content": f"{m['content']}\n{calls}" if m["content"] else calls})
         else:
             out.append({"role": m["role"], "content": m["content"]})
-    return [{k: v for k, v in m.items() if k != "tool_results"} for m in out]
+        after_result = m["role"] == "tool"
+    return out
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
@@ -147,7 +149,7 @@ def _call_schema(tools: list[Tool], parser: str) -> dict:
                                                  key: t.parameters or _NO_ARGUMENTS},
                 "required": ["name", key], "additionalProperties": False} for t in tools]
     schema = options[0] if len(options) == 1 else {"anyOf": options}
-    return {**schema, "x-guidance": _JSON_STYLE}
+    return {**schema, "x-guidance": JSON_STYLE}
 
 
 def call_grammar(tools: list[Tool], parallel: bool, parser: str,
@@ -169,7 +171,7 @@ def call_grammar(tools: list[Tool], parallel: bool, parser: str,
         rules = f"calls: call{more}\ncall: {call}\n"
     if content_schema is None:
         return "start: calls\n" + rules
-    content = "%json" + json.dumps({**content_schema, "x-guidance": _JSON_STYLE},
+    content = "%json" + json.dumps({**content_schema, "x-guidance": JSON_STYLE},
                                    ensure_ascii=False)
     return f"start: calls | content\ncontent: {content}\n" + rules
 

@@ -8,6 +8,7 @@ outputs (aborting when the client goes away) and server-sent events.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import AsyncIterator
 
@@ -183,10 +184,14 @@ class ServingContext:
         return await asyncio.to_thread(lambda: [tok.encode(t, add_bos=tok.add_bos)
                                                 for t in texts])
 
-    @property
+    @functools.cached_property
     def tool_parser(self) -> str:
         """The tool-call format: --tool-call-parser, else the chat template's."""
         return self.forced_parser or tools.parser_for(self.tokenizer.chat_template)
+
+    @functools.cached_property
+    def template_takes_tools(self) -> bool:
+        return tools.takes_tools(self.tokenizer.chat_template)
 
     async def chat_ids(self, messages: list[dict], tool_list: list[tools.Tool] = ()
                        ) -> list[int]:
@@ -194,7 +199,7 @@ class ServingContext:
         a template that takes no tools gets them written into the messages
         (jvt.tools.inline_tools). A conversation the template refuses is a 400 (param
         messages)."""
-        if tools.takes_tools(self.tokenizer.chat_template):
+        if self.template_takes_tools:
             messages = tools.template_messages(messages)
             given = [t.as_template() for t in tool_list] or None
         else:
