@@ -464,8 +464,7 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
-    def sampling_params(self, max_model_len: int, tool_parser: str = tool_calls.HERMES
-                        ) -> list[SamplingParams]:
+    def sampling_params(self, max_model_len: int, tool_parser: str) -> list[SamplingParams]:
         max_tokens = next((m for m in (self.max_completion_tokens, self.max_tokens)
                            if m is not None), max_model_len)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
