@@ -17,13 +17,13 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from jvt import memory, models, parallel
+from jvt import memory, models, parallel, structured
 from jvt.config import make_config
 from jvt.detokenize import OutputText
 from jvt.models.loader import quantizable
 from jvt.platform import enable_compilation_cache, jax_devices
 from jvt.runner import EntryError, Runner, Scores, scores_prompt
-from jvt.scheduler import Scheduler, Sequence, Status, StepPlan
+from jvt.scheduler import REFUSAL_DECAY, Scheduler, Sequence, Status, StepPlan
 from jvt.session import Session
 from jvt.types import (
     Logprob,
@@ -138,6 +138,7 @@ class Engine:
         self._inflight = None  # (step id, plan, device results) of the step not yet read back
         self._structured = None  # jvt.structured.Constrainer, made for the first constraint
         self._stalled = 0  # consecutive idle steps with work queued
+        self.refused_draws = 0  # K-step draws a constraint refused (see _refused)
 
     @staticmethod
     def _load(model, cfg, devices) -> models.Model:
@@ -309,6 +310,7 @@ class Engine:
             "swaps": sched.num_swaps,
             "swapped_bytes": sched.swapped_bytes,
             "compiles": self.runner.num_compiles,
+            "refused_draws": self.refused_draws,
             "tensor_parallel": self.config.tensor_parallel,
             "kv_per_device": self._device_kv_stats(used),
         }
@@ -332,23 +334,22 @@ class Engine:
     def step(self) -> None:
         """One iteration: schedule and enqueue step N, then read back and process step N-1.
 
-        A plan with constrained entries (structured outputs) needs their allowed tokens, which
-        depend on the tokens step N-1 sampled: step N-1 is read back first then (no overlap
-        for that step), its finished sequences' entries dropped, and the masks computed."""
+        While a structured-output request runs, step N-1 is read back first (no overlap): the
+        allowed tokens of step N depend on the tokens it sampled, and a K-step call's draws
+        the constraint refuses shorten what step N starts from."""
+        processed = False
+        if self._inflight is not None and any(
+                seq.params.constraint is not None for seq in self.scheduler.running):
+            processed = self._process_inflight()
         plan = self.scheduler.schedule()
-        launched, processed = None, False
+        launched = None
         if plan is not None:
             now = time.perf_counter()
             for entry in plan.entries:
                 req = self._requests.get(entry.seq.request_id)
                 if req is not None and req.metrics.scheduled_time is None:
                     req.metrics.scheduled_time = now
-            masks = None
-            if any(_constrained(e) for e in plan.entries):
-                processed = self._process_inflight()
-                plan, masks = self._masked(plan)
-            if plan is not None:
-                plan, result = self._launch(plan, masks)
+            plan, result = self._launch(plan, self._masks(plan))
         if plan is not None:  # None too when every entry of the plan failed
             self._step_id += 1
             self.scheduler.fence(self._step_id)
@@ -377,24 +378,17 @@ class Engine:
         self._postprocess(prev_plan, host)
         return True
 
-    def _masked(self, plan: StepPlan) -> tuple[StepPlan | None, np.ndarray | None]:
-        """``plan`` without the entries of sequences that finished meanwhile, and the
-        allowed-token bits of its constrained entries (other rows allow every token)."""
-        entries = [e for e in plan.entries if e.seq.status is not Status.FINISHED]
-        if not entries:
-            return None, None
-        rows = []
-        for i, e in enumerate(entries):
-            req = self._requests.get(e.seq.request_id)
-            if _constrained(e) and req is not None:
-                rows.append((i, req.matcher))
-        return StepPlan(entries), self._constrainer().masks(rows, len(entries))
+    def _masks(self, plan: StepPlan) -> np.ndarray | None:
+        """The allowed-token bits of ``plan``'s constrained entries (other rows allow every
+        token), or None when it has none."""
+        reqs = [(i, self._requests.get(e.seq.request_id)) for i, e in enumerate(plan.entries)
+                if _constrained(e)]
+        rows = [(i, req.matcher) for i, req in reqs if req is not None]
+        return self._constrainer().masks(rows, len(plan.entries)) if rows else None
 
     def _constrainer(self):
         if self._structured is None:
-            from jvt.structured import Constrainer
-
-            self._structured = Constrainer(self.tokenizer, self.model.config.vocab_size,
+            self._structured = structured.Constrainer(self.tokenizer, self.model.config.vocab_size,
                                            self.tokenizer.eos_ids)
         return self._structured
 
@@ -448,7 +442,9 @@ class Engine:
 
     def _postprocess(self, plan, host: list) -> None:
         """Take every entry's sampled tokens (host: one SampleResult per decode iteration);
-        a K-step entry's tokens after the one its sequence finishes with are discarded."""
+        a K-step entry's tokens after the one its sequence finishes with are discarded, and
+        so are those from the first one its constraint refuses (drawn unmasked, see
+        jvt.sampling.sample): the sequence goes on from the last kept token."""
         now = time.perf_counter()
         for i, entry in enumerate(plan.entries):
             if not entry.samples:
@@ -459,17 +455,40 @@ class Engine:
             for j in range(entry.steps):
                 if req is None or seq.status is Status.FINISHED:
                     break
+                token = int(host[j].tokens[i])
+                if req.matcher is not None:
+                    ok = self._constrainer().take(req.matcher, token)
+                    if j > 0:
+                        seq.refusal_rate += REFUSAL_DECAY * ((not ok) - seq.refusal_rate)
+                    if not ok:
+                        if j == 0:  # the mask applied: the matcher and the mask disagree
+                            self._fail(seq, RuntimeError(
+                                f"the grammar matcher refused token {token}: "
+                                f"{req.matcher.get_error()}"))
+                        else:
+                            self._refused(seq)
+                        break
                 try:
                     self._take_token(req, host[j], i, now,
                                      entry.start + j + 1 if entry.steps > 1 else None)
                 except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                     self._fail(seq, e)
 
+    def _refused(self, seq: Sequence) -> None:
+        """A K-step call drew a token ``seq``'s constraint refuses: it and the rest of the
+        call's tokens are dropped; the next step feeds the last kept token again (its KV is
+        rewritten the same) and draws with the mask. The device counted the dropped tokens in
+        the penalty tables: their rows are written again from the kept tokens."""
+        seq.num_computed = len(seq.tokens) - 1
+        seq.penalty_rows_written = False
+        self.refused_draws += 1
+
     def _take_token(self, req: Request, host, i: int, now: float, kv_written: int | None
                     ) -> None:
-        """Append row ``i``'s sampled token to ``req`` and finish it if it stops there.
-        kv_written: in a K-step call, the KV length certainly written when this token was
-        sampled (the KV of the rows the call ran after it is not counted as kept)."""
+        """Append row ``i``'s sampled token to ``req`` (its constraint took it already) and
+        finish it if it stops there. kv_written: in a K-step call, the KV length certainly
+        written when this token was sampled (the KV of the rows the call ran after it is not
+        counted as kept)."""
         seq = req.seq
         if seq.params.max_tokens == 0:  # the prompt only: the token is not kept
             req.settle_text()
@@ -478,10 +497,6 @@ class Engine:
             del self._requests[seq.request_id]
             return
         token = int(host.tokens[i])
-        if req.matcher is not None:
-            from jvt.structured import advance
-
-            advance(req.matcher, token)
         seq.tokens.append(token)
         req.metrics.token_times.append(now)
         if req.logprobs is not None:
@@ -560,9 +575,7 @@ class Engine:
         if bad:
             raise ValueError(f"{name} has token ids outside [0, {vocab}): {bad[:5]}")
         if params.constraint is not None:
-            from jvt.structured import grammar
-
-            grammar(*params.constraint)  # ValueError naming the field if it does not compile
+            structured.grammar(*params.constraint)  # ValueError naming the field if it does not compile
         bad = [t for t, _ in params.logit_bias if t >= vocab]
         if bad:
             raise ValueError(f"SamplingParams.logit_bias for {name} has token ids outside "

@@ -22,7 +22,10 @@ its input tokens from ``last_tokens`` as written by the previous one, with a don
 (the EOS and stop token ids, the row's iteration limit): a row that finished is masked out of
 the next iterations (its sequence's slot becomes MASKED_SLOT, so the attention op writes no KV
 for it and its sample is not kept), and the loop ends early when every row is done. One
-[K, S, 2 + 2K'] transfer brings the tokens and logprobs of every iteration back.
+[K, S, 2 + 2K'] transfer brings the tokens and logprobs of every iteration back. A call with
+structured-output rows runs the masked K-step variant (compiled when first needed): the
+allowed tokens apply to its first iteration, whose inputs the host has read back; the later
+iterations' draws are checked by the host (see jvt.sampling.sample).
 
 A step that holds prompt rows of a request asking for prompt_logprobs runs the scoring variant
 of its shape (compiled when first needed): the LM head over every row, in blocks of at most
@@ -128,12 +131,12 @@ def _forward(module, lm_head, reduce, store_id, last_tokens, tables, inputs: Ste
     last_rows = jnp.maximum(inputs.meta.seq_start[1:] - 1, 0)  # [S] each entry's last row
     logits = lm_head(hidden[last_rows])
     choose = _penalized(logits, tables, inputs, penalize)
+    allowed = None
     if masks is not None:
         ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-        allowed = (masks[:, ids // 32] >> (ids % 32)) & 1  # [S, V]
-        base = logits.astype(jnp.float32) if choose is None else choose
-        choose = jnp.where(allowed != 0, base, -jnp.inf)
-    r = sample(logits, inputs.sampling, greedy_only=greedy_only, choose=choose)
+        allowed = ((masks[:, ids // 32] >> (ids % 32)) & 1) != 0  # [S, V]
+    r = sample(logits, inputs.sampling, greedy_only=greedy_only, choose=choose,
+               allowed=allowed)
     slots = last_tokens.shape[0]
     target = jnp.where(inputs.keep, inputs.meta.seq_slot, slots)  # out of range: dropped
     last_tokens = last_tokens.at[target].set(r.tokens, mode="drop")
@@ -143,30 +146,40 @@ def _forward(module, lm_head, reduce, store_id, last_tokens, tables, inputs: Ste
     return last_tokens, tables, out, hidden
 
 
-def _multi_step(weights, last_tokens, tables, ints, floats, stops, *, t, s, k, greedy_only,
-                penalize, graphdef, treedef, store_id, tensor_parallel, split_vocab):
+def _multi_step(weights, last_tokens, tables, ints, floats, stops, *extra, t, s, k, greedy_only,
+                penalize, masked, graphdef, treedef, store_id, tensor_parallel, split_vocab):
     """Up to k decode iterations of a pure-decode step (one row per entry): returns
     last_tokens, tables and [k, S, 2 + 2K] results, iteration j in row j (iterations after
     every row is done are left zero). stops: [S, 1 + MAX_DEVICE_STOPS] int32, per entry the
     iterations it may run (0 for padding) and the token ids that end it (-1: none). A token
-    ends its row only once the row has min_tokens outputs, as on the host."""
+    ends its row only once the row has min_tokens outputs, as on the host.
+
+    Iteration 0 takes each row's input as a one-step call does (a host token or last_tokens),
+    the later ones from last_tokens. With ``masked``, extra holds the [S, ceil(V / 32)]
+    allowed-token bits of iteration 0 (a call with structured-output rows): that iteration runs
+    outside the loop with them, the others draw unmasked and the host checks their tokens
+    (jvt.sampling.sample; the engine discards a refused token and the rest of its row)."""
     module, lm_head, reduce = _merged(weights, graphdef, treedef, split_vocab, tensor_parallel)
     first = _from_wire(ints, floats, t, s)
     limit, stop_ids = stops[:, 0], stops[:, 1:]
     meta, sp = first.meta, first.sampling
+    n = min(s, t)  # entry i is row i
+    own_slot = jnp.full(t, -1, jnp.int32).at[:n].set(meta.seq_slot[:n])
 
     def inputs_at(j, done):
         """Iteration j's inputs: one position further per iteration, done rows masked."""
-        masked = jnp.where(done & (meta.seq_slot >= 0), MASKED_SLOT, meta.seq_slot)
-        return StepInputs(first.tokens, first.prev_slot,
-                          AttnMeta(meta.positions + j, meta.seq_start, masked, meta.seq_len + j),
+        masked_slot = jnp.where(done & (meta.seq_slot >= 0), MASKED_SLOT, meta.seq_slot)
+        prev_slot = jnp.where(j == 0, first.prev_slot, own_slot)
+        return StepInputs(first.tokens, prev_slot,
+                          AttnMeta(meta.positions + j, meta.seq_start, masked_slot,
+                                   meta.seq_len + j),
                           first.keep & ~done,
                           dataclasses.replace(sp, counter=sp.counter + j))
 
-    def run(j, last_tokens, tables, outs, done):
+    def run(j, last_tokens, tables, outs, done, masks=None):
         last_tokens, tables, out, _ = _forward(module, lm_head, reduce, store_id, last_tokens,
                                                tables, inputs_at(j, done), greedy_only,
-                                               penalize)
+                                               penalize, masks)
         token = jax.lax.bitcast_convert_type(out[:, 0], jnp.int32)
         hit = jnp.any(token[:, None] == stop_ids, axis=1) & (sp.counter + j + 1 >= sp.min_tokens)
         done = done | hit | (j + 1 >= limit)
@@ -175,6 +188,8 @@ def _multi_step(weights, last_tokens, tables, ints, floats, stops, *, t, s, k, g
     width = 2 + 2 * min(MAX_LOGPROBS, module.config.vocab_size)
     outs = jnp.zeros((k, s, width), jnp.float32)
     carry = (0, last_tokens, tables, outs, limit <= 0)
+    if masked:
+        carry = (1, *run(*carry, masks=extra[0]))
     _, last_tokens, tables, outs, _ = jax.lax.while_loop(
         lambda c: (c[0] < k) & ~jnp.all(c[4]), lambda c: (c[0] + 1, *run(*c)), carry)
     return last_tokens, tables, outs
@@ -305,8 +320,9 @@ class Runner:
                       "graphdef": self.graphdef, "treedef": self.treedef,
                       "store_id": self.store.store_id, "tensor_parallel": self.mesh is not None,
                       "split_vocab": self.split_vocab}
-            fn = (functools.partial(_multi_step, k=self.decode_steps, **static) if multi
-                  else functools.partial(_step, scoring=scoring, masked=masked, **static))
+            fn = (functools.partial(_multi_step, k=self.decode_steps, masked=masked, **static)
+                  if multi else
+                  functools.partial(_step, scoring=scoring, masked=masked, **static))
             args = [self.last_tokens, self.tables,
                     *jax.device_put(_to_wire(_pack(None, t, s)), self.inputs_sharding)]
             if scoring:
@@ -337,7 +353,7 @@ class Runner:
             e.seq.params.temperature == 0 and not e.seq.params.penalized for e in plan.entries)
         wire = _to_wire(_pack(plan, t, s))
         targets = _targets(plan, t)
-        multi = plan.steps > 1  # a pure-decode plan without constraints: no scores, no masks
+        multi = plan.steps > 1  # a pure-decode plan: no scores
         extra = [] if targets is None else [targets]
         if multi:
             extra.append(_stops(plan, s, self.eos_ids))

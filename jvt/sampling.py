@@ -7,6 +7,7 @@ token being generated, so a request samples the same tokens whatever else shares
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -107,44 +108,106 @@ def _filtered_probs(x: jax.Array, top_k, top_p, min_p) -> jax.Array:
     return jnp.where(keep, probs, 0.0)
 
 
-def _sample_row(logits, temperature, top_k, top_p, min_p, seed, counter):
-    """Inverse-transform sampling: one uniform draw against the cumulative kept mass (a
-    categorical draw would need a Gumbel number per vocabulary entry: 2.4 ms on the CPU)."""
+def unfiltered(p: SamplingArrays) -> jax.Array:
+    """[S] bool: rows drawing from their whole temperature-scaled distribution, greedy rows
+    included (no top-k, top-p or min-p filter; the host's copy: not SamplingParams.filtered)."""
+    return (p.temperature == 0) | ((p.top_k == 0) & (p.top_p >= 1.0) & (p.min_p <= 0.0))
+
+
+_BLOCK = 256  # vocabulary entries per block of the two-level inverse transform
+
+
+def _inverse_transform(probs, seed, counter, *, stream: int):
+    """One row's token drawn with probability proportional to ``probs`` [V] (>= 0): a block of
+    _BLOCK entries by one uniform against the blocks' cumulative mass, then an entry of it by
+    a second uniform against the block's own cumulative mass. Exact (the block's mass times
+    the entry's share of it), never a zero-probability entry, and without a cumulative sum
+    over the whole vocabulary (1.6 ms of 8 x 49k rows on the CPU; a categorical draw would
+    need a Gumbel number per entry: 2.4 ms). The key is fold_in(key(seed), counter), folded
+    with ``stream`` when that is not 0."""
     key = jax.random.fold_in(jax.random.key(seed), counter)
-    x = logits / jnp.maximum(temperature, 1e-6)
-    cdf = jnp.cumsum(_filtered_probs(x, top_k, top_p, min_p))
-    u = jax.random.uniform(key, dtype=jnp.float32) * cdf[-1]
-    return jnp.minimum(jnp.searchsorted(cdf, u, side="right"), x.shape[0] - 1)
+    if stream:
+        key = jax.random.fold_in(key, stream)
+    u = jax.random.uniform(key, (2,), dtype=jnp.float32)
+    v = probs.shape[0]
+    blocks = jnp.pad(probs, (0, -v % _BLOCK)).reshape(-1, _BLOCK)
+    mass = jnp.cumsum(jnp.sum(blocks, axis=1))
+    b = jnp.minimum(jnp.sum(mass <= u[0] * mass[-1]), blocks.shape[0] - 1)
+    inner = jnp.cumsum(blocks[b])
+    i = jnp.sum(inner <= u[1] * inner[-1])
+    return jnp.minimum(b * _BLOCK + i, v - 1)
 
 
 def sample(logits: jax.Array, p: SamplingArrays, *, greedy_only: bool | None = False,
-           choose: jax.Array | None = None) -> SampleResult:
+           choose: jax.Array | None = None, allowed: jax.Array | None = None) -> SampleResult:
     """Pick one token per row of ``logits`` [S, V] (float32) under ``p``.
 
     choose: the logits the tokens are picked from when they differ from ``logits`` (penalties
     and biases, jvt.penalties); the logprobs are always those of ``logits``.
 
+    allowed: None, or [S, V] bool, the tokens each row's structured-output constraint allows.
+    An unfiltered row (``unfiltered``) keeps its draw from the whole distribution when that
+    token is allowed, and otherwise draws again from the allowed tokens with an independent
+    key (stream 1): rejection sampling, so the token follows the restricted distribution
+    exactly, and a draw made without the mask (a K-step call's later iterations) that the host
+    finds allowed is the token this rule picks. Filtered rows always draw from the allowed
+    tokens (their filters apply to the restricted distribution).
+
     greedy_only True skips the filtering and the draw (the caller knows no row samples), False
-    always runs them, both static switches; None decides on the device with lax.cond. XLA:GPU
-    reads a conditional's predicate back on the host, which would stall the one-step overlap,
-    so GPU steps use the static switch; XLA:CPU evaluates it in place and saves compiling two
-    variants of every step shape.
+    always runs them, both static switches; None decides on the device with lax.cond (also
+    whether any row is filtered). XLA:GPU reads a conditional's predicate back on the host,
+    which would stall the one-step overlap, so GPU steps use the static switch; XLA:CPU
+    evaluates it in place and saves compiling two variants of every step shape.
     """
     logits = logits.astype(jnp.float32)
     x = logits if choose is None else choose
-    tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
-    if greedy_only is None:
-        tokens = jax.lax.cond(jnp.all(p.temperature == 0), lambda: tokens,
-                              lambda: _draw(x, p, tokens))
-    elif not greedy_only:
-        tokens = _draw(x, p, tokens)
+    tokens = _pick(x, p, greedy_only, stream=0)
+    if allowed is not None:
+        ok = jnp.take_along_axis(allowed, tokens[:, None], axis=-1)[:, 0] & unfiltered(p)
+        again = _pick(jnp.where(allowed, x, -jnp.inf), p, greedy_only, stream=1)
+        tokens = jnp.where(ok, tokens, again)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     return SampleResult(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
 
 
-def _draw(logits: jax.Array, p: SamplingArrays, greedy: jax.Array) -> jax.Array:
-    rows = jax.vmap(_sample_row)(logits, p.temperature, p.top_k, p.top_p, p.min_p,
-                                 p.seed, p.counter).astype(jnp.int32)
-    return jnp.where(p.temperature == 0, greedy, rows)
+def _pick(x: jax.Array, p: SamplingArrays, greedy_only: bool | None, *, stream: int
+          ) -> jax.Array:
+    """[S] tokens chosen from ``x`` [S, V]: argmax for greedy rows, else drawn (see sample)."""
+    tokens = _argmax(x)
+    if greedy_only is None:
+        return jax.lax.cond(jnp.all(p.temperature == 0), lambda: tokens,
+                            lambda: _draw(x, p, tokens, stream, on_device=True))
+    if not greedy_only:
+        return _draw(x, p, tokens, stream, on_device=False)
+    return tokens
+
+
+def _argmax(x: jax.Array) -> jax.Array:
+    """[S] int32 first index of each row's largest value: jnp.argmax's result for rows without
+    NaN, in a quarter of its time on XLA:CPU (0.28 against 1.07 ms for 8 x 49k)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(x == top, ids, x.shape[-1]), axis=-1)
+
+
+def _draw(x: jax.Array, p: SamplingArrays, greedy: jax.Array, stream: int, *,
+          on_device: bool) -> jax.Array:
+    """Sampled tokens (greedy rows keep ``greedy``). The filters' bisections (most of the
+    cost: ~5 ms of 8 rows x 49k on the CPU) run only for a batch with a filtered row when
+    ``on_device`` decides it; unfiltered rows take the plain softmax either way."""
+    scaled = x / jnp.maximum(p.temperature, 1e-6)[:, None]
+    probs = jax.nn.softmax(scaled, axis=-1)
+    plain = unfiltered(p)
+
+    def filtered():
+        kept = jax.vmap(_filtered_probs)(scaled, p.top_k, p.top_p, p.min_p)
+        return jnp.where(plain[:, None], probs, kept)
+    if on_device:
+        probs = jax.lax.cond(jnp.all(plain), lambda: probs, filtered)
+    else:
+        probs = filtered()
+    rows = jax.vmap(functools.partial(_inverse_transform, stream=stream))(probs, p.seed,
+                                                                          p.counter)
+    return jnp.where(p.temperature == 0, greedy, rows.astype(jnp.int32))

@@ -5,7 +5,7 @@ llguidance (a Rust library, no dependencies) was chosen over xgrammar by measure
 SmolLM2's 49152-token vocabulary (docs/engine.md): a nested JSON schema compiles in ~3.5 ms
 (xgrammar ~7 ms) and masks in ~20 us per token (median; xgrammar ~2 us), and xgrammar pulls
 torch and triton into the install. Grammars are cached by constraint; matchers are per
-sequence and advance by the tokens the host keeps (never by discarded ones).
+sequence and advance by the tokens the host keeps (never by discarded or refused ones).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class Constrainer:
         import llguidance.hf
 
         self.vocab = vocab
+        self.eos_ids = frozenset(eos_ids)
         self.words = (vocab + 31) // 32
         self.lltokenizer = llguidance.hf.from_tokenizer(tokenizer.hf_fast(), n_vocab=vocab,
                                                         eos_token=list(eos_ids) or None)
@@ -85,8 +86,9 @@ class Constrainer:
             llg_numpy.fill_next_token_bitmask(m, out, row)
         return out
 
-
-def advance(m: llguidance.LLMatcher, token: int) -> None:
-    """Feed a kept token; RuntimeError if the matcher refuses it (a mask was not applied)."""
-    if not m.consume_token(token):
-        raise RuntimeError(f"the grammar matcher refused token {token}: {m.get_error()}")
+    def take(self, m: llguidance.LLMatcher, token: int) -> bool:
+        """Feed a drawn token to its sequence's matcher: whether it is allowed (and taken; a
+        refused token changes nothing). A stopped matcher (its constraint complete, nothing
+        may follow) allows the EOS ids only, as its mask does."""
+        ok = token in self.eos_ids if m.is_stopped() else m.validate_tokens([token]) == 1
+        return ok and m.consume_token(token)

@@ -64,9 +64,9 @@ class SamplingParams:
     Structured outputs (at most one; jvt.structured, llguidance): json_schema (a JSON Schema,
     a dict or its JSON text), regex (the output matches it), choice (the output is one of
     these strings), grammar (a Lark grammar, or llama.cpp's GBNF when it has "::=" rules),
-    json_object (any JSON object). The allowed tokens of each step are masked on the device
-    before the token is chosen (greedy or sampled); once the constraint is complete only EOS
-    is allowed. A constraint the library refuses is a ValueError when the request is added.
+    json_object (any JSON object). Each token is drawn from the distribution restricted to the
+    allowed tokens (greedy or sampled); once the constraint is complete only EOS is allowed. A
+    constraint the library refuses is a ValueError when the request is added.
     """
 
     temperature: float = 1.0
@@ -176,6 +176,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def filtered(self) -> bool:
+        """Whether a top-k, top-p or min-p filter shapes the distribution this request draws
+        from (jvt.sampling.unfiltered is the device's copy of this rule)."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0)
 
     @functools.cached_property
     def penalized(self) -> bool:

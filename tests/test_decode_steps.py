@@ -4,6 +4,9 @@ greedy tokens and logprobs, seeded sampling, stops by EOS, stop token, stop stri
 inside a block, aborts, preemption, sessions, prefix sharing, tensor parallelism; and the KV
 the engine keeps is what was emitted."""
 
+import json
+import re
+
 import pytest
 
 import jvt
@@ -53,10 +56,13 @@ def assert_same_as_k1(engines, k, prompts, params):
     ref, ref_outs = run(engines[1], prompts, params)
     got, outs = run(engines[k], prompts, params)
     assert got == ref
-    if params.logprobs is not None:
-        for a, b in zip(outs, ref_outs):
-            assert [(lp.token_id, lp.logprob, lp.top) for lp in a.logprobs] == pytest.approx(
-                [(lp.token_id, lp.logprob, lp.top) for lp in b.logprobs])
+    for a, b in zip(outs, ref_outs):
+        if b.logprobs is not None:
+            assert [lp.token_id for lp in a.logprobs] == [lp.token_id for lp in b.logprobs]
+            assert [lp.logprob for lp in a.logprobs] == pytest.approx(
+                [lp.logprob for lp in b.logprobs], abs=1e-5)
+            for x, y in zip(a.logprobs, b.logprobs):
+                assert x.top == pytest.approx(y.top, abs=1e-5)
     # What the engines keep is what was emitted: retained slots hold prompt + output tokens;
     # K = 1 also holds the KV of a final stop token (its over-scheduled next row wrote it),
     # K > 1 not when the device stopped the row there.
@@ -99,6 +105,44 @@ def test_seeded_sampling_is_the_same_for_every_k(engines, k):
     params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=7, max_tokens=31,
                             ignore_eos=True)
     assert_same_as_k1(engines, k, PROMPTS, params)
+
+
+CONSTRAINED = [
+    SamplingParams(temperature=0.0, max_tokens=60, regex=r"[a-f]{3,9}( [0-9]+)*\."),
+    SamplingParams(temperature=1.0, seed=3, max_tokens=80, logprobs=2, json_schema={
+        "type": "object", "properties": {"k": {"enum": ["ab", "cd"]},
+                                         "v": {"type": "integer", "maximum": 999}},
+        "required": ["k", "v"], "additionalProperties": False}),
+    SamplingParams(temperature=0.8, seed=4, max_tokens=40, choice=["north", "south", "nope"]),
+    SamplingParams(temperature=1.0, seed=5, max_tokens=80, regex=r"[a-z]{40,70}",
+                   repetition_penalty=1.4, frequency_penalty=1.5, logit_bias={ord("x"): 3.0}),
+    SamplingParams(temperature=1.0, seed=6, max_tokens=50, top_p=0.8, regex=r"[0-9a-z ]{5,30}"),
+]
+PATTERNS = [r"[a-f]{3,9}( [0-9]+)*\.", None, r"north|south|nope", r"[a-z]{40,70}",
+            r"[0-9a-z ]{5,30}"]
+
+
+@pytest.mark.parametrize("k", KS)
+def test_constrained_rows_draw_k_steps_and_the_host_refuses_what_the_mask_would(engines, k):
+    """Structured-output rows run in K-step calls whose later draws are made without the mask
+    and checked on the host: every output equals K = 1's (each token masked), greedy and
+    seeded, penalised (the tables are rewritten after a refusal: frequency_penalty would see
+    the refused tokens otherwise), and draws were refused on the way (a random model rarely
+    writes these). A filtered row (top_p) keeps its batch at one step per call: no draw is
+    made without its mask."""
+    refused = engines[k].refused_draws
+    outs = assert_same_as_k1(engines, k, PROMPTS[:4], CONSTRAINED[:4])
+    assert engines[k].refused_draws > refused + 20
+    refused = engines[k].refused_draws
+    outs += assert_same_as_k1(engines, k, PROMPTS[4:5] * 2, [CONSTRAINED[4], CONSTRAINED[0]])
+    assert engines[k].refused_draws == refused
+    assert engines[1].refused_draws == 0
+    for o, pattern in zip(outs, PATTERNS + PATTERNS[:1]):
+        assert o.finish_reason in ("stop", "length")
+        if pattern is None:
+            assert set(json.loads(o.text)) == {"k", "v"}
+        else:
+            assert re.fullmatch(pattern, o.text), o.text
 
 
 @pytest.mark.parametrize("k", KS)

@@ -123,3 +123,48 @@ def test_device_side_choice_equals_the_static_variants():
         np.asarray(jax.jit(lambda x, p: sample(x, p, greedy_only=True))(logits, greedy).tokens))
     np.testing.assert_array_equal(np.asarray(auto(logits, mixed).tokens),
                                   np.asarray(_sample(logits, mixed).tokens))
+
+
+ALLOWED = np.array([True, False, True, False, True, True, False])  # of the 7 logits below
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.6),
+    SamplingParams(temperature=1.3, top_p=0.7),
+    SamplingParams(temperature=0.9, top_k=2, min_p=0.1),
+])
+def test_allowed_tokens_restrict_the_distribution_exactly(params):
+    """With a constraint's allowed tokens, a draw follows the distribution restricted to them
+    (filters applied after the restriction): the first draw kept when allowed, else a second
+    one from the allowed tokens (rejection sampling) for unfiltered rows; filtered rows draw
+    from the restricted distribution directly."""
+    logits = np.array([0.5, 2.0, 1.0, 1.5, -0.5, 0.0, -3.0], np.float32)
+    n = 6000
+    rows = [(params, 11, c) for c in range(n)]
+    res = _sample(np.tile(logits, (n, 1)), SamplingArrays.pack(rows, n),
+                  allowed=np.tile(ALLOWED, (n, 1)))
+    tokens = np.asarray(res.tokens)
+    restricted = np.where(ALLOWED, logits, -np.inf)
+    ref = _reference_probs(restricted, params)
+    freq = np.bincount(tokens, minlength=len(logits)) / n
+    assert np.all(freq[~ALLOWED] == 0)
+    np.testing.assert_allclose(freq, ref, atol=4 * np.sqrt(0.25 / n))
+    logprobs = logits - np.log(np.exp(logits).sum())  # still those of the raw distribution
+    np.testing.assert_allclose(np.asarray(res.logprob), logprobs[tokens], rtol=1e-5, atol=1e-5)
+
+
+def test_an_allowed_first_draw_is_the_unmasked_draw():
+    """What a K-step call relies on: an unfiltered row's token under the mask equals its draw
+    without the mask whenever that draw is allowed (same seed and counter), greedy or not."""
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(64, 40)).astype(np.float32) * 2
+    allowed = rng.random((64, 40)) < 0.6
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.0)):
+        p = SamplingArrays.pack([(params, 9, c) for c in range(64)], 64)
+        free = np.asarray(_sample(logits, p).tokens)
+        masked = np.asarray(_sample(logits, p, allowed=allowed).tokens)
+        ok = allowed[np.arange(64), free]
+        assert ok.any() and not ok.all()
+        np.testing.assert_array_equal(masked[ok], free[ok])
+        assert allowed[np.arange(64), masked].all()
