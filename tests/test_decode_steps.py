@@ -128,16 +128,17 @@ def test_constrained_rows_draw_k_steps_and_the_host_refuses_what_the_mask_would(
     and checked on the host: every output equals K = 1's (each token masked), greedy and
     seeded, penalised (the tables are rewritten after a refusal: frequency_penalty would see
     the refused tokens otherwise), and draws were refused on the way (a random model rarely
-    writes these). A filtered row (top_p) keeps its batch at one step per call: no draw is
-    made without its mask."""
+    writes these). A filtered row (top_p) keeps its batch at one step per call: alone, no
+    draw is made without its mask."""
     refused = engines[k].refused_draws
     outs = assert_same_as_k1(engines, k, PROMPTS[:4], CONSTRAINED[:4])
     assert engines[k].refused_draws > refused + 20
     refused = engines[k].refused_draws
-    outs += assert_same_as_k1(engines, k, PROMPTS[4:5] * 2, [CONSTRAINED[4], CONSTRAINED[0]])
+    outs += assert_same_as_k1(engines, k, PROMPTS[4:5], CONSTRAINED[4:5])
     assert engines[k].refused_draws == refused
+    outs += assert_same_as_k1(engines, k, PROMPTS[4:5] * 2, [CONSTRAINED[4], CONSTRAINED[0]])
     assert engines[1].refused_draws == 0
-    for o, pattern in zip(outs, PATTERNS + PATTERNS[:1]):
+    for o, pattern in zip(outs, PATTERNS + PATTERNS[4:5] + PATTERNS[:1]):
         assert o.finish_reason in ("stop", "length")
         if pattern is None:
             assert set(json.loads(o.text)) == {"k", "v"}
