@@ -6,11 +6,13 @@ schema-constrained requests against unconstrained ones (SmolLM2 on the CPU, batc
 compile: llguidance grammar + matcher of each schema, and of the tool-call grammar of TOOLS
 (tool_choice "required", SmolLM2's hermes_list format), cache cleared (median of 5). mask: the
 host time of Constrainer.masks per constrained row and step during the constrained runs.
-Rate: 8 chat requests decoding to 96 new tokens (constrained: a JSON schema whose string field
+Refused: the K-step draws made without the mask that the host refused, per constrained
+token. Rate: 8 chat requests decoding to 96 new tokens (constrained: a JSON schema whose string field
 takes up to 400 characters, so that outputs run to max_tokens like the unconstrained ones,
 which ignore EOS), tok/s after each request's first token, median of the repeats, the engines
 alternated. Unconstrained runs with the engine's default decode_steps and with 1 (constrained
-rows always decode one step per call, each step reading the previous one back first).
+calls read the previous call back first and run the K their refusal rate gives, see
+jvt.scheduler.refusal_steps).
 """
 
 from __future__ import annotations
@@ -112,13 +114,16 @@ def measure(model: str, repeats: int) -> dict:
         return out
     c.masks = timed
     runs: dict[str, list[float]] = {name: [] for name in engines}
+    refused = engines["constrained"].refused_draws
     for _ in range(repeats):
         for name, e in engines.items():
             runs[name].append(_rate(e, prompt, constrained if name == "constrained" else free))
+    refused = engines["constrained"].refused_draws - refused
     vocab = engines["constrained"].model.config.vocab_size
     result = {"compile_ms": compile_times(tok, vocab, tok.eos_ids),
               "mask_us_per_row_median": statistics.median(mask_times) * 1e6,
               "mask_us_per_row_p99": sorted(mask_times)[int(0.99 * (len(mask_times) - 1))] * 1e6,
+              "refused_per_token": refused / (repeats * BATCH * NEW_TOKENS),
               "rates": {name: statistics.median(r) for name, r in runs.items()},
               "runs": runs}
     for e in engines.values():
@@ -147,7 +152,8 @@ def main(argv=None) -> None:
     for name, ms in r["compile_ms"].items():
         print(f"| {name} | {ms:.2f} |")
     print(f"\nmask per constrained row and step: median {r['mask_us_per_row_median']:.0f} us, "
-          f"p99 {r['mask_us_per_row_p99']:.0f} us\n")
+          f"p99 {r['mask_us_per_row_p99']:.0f} us; draws refused by the host (K-step calls): "
+          f"{r['refused_per_token']:.3f} per constrained token\n")
     base = r["rates"]["constrained"]
     print("| requests (batch 8) | tok/s | constrained / this |\n|---|---|---|")
     for name, rate in r["rates"].items():
