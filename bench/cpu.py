@@ -16,6 +16,11 @@ machine's CPU, jvt against the same weights elsewhere; start-up; load time.
   compilation cache) and warm (the same directory again).
 - load: jvt.models.loadtime in fresh processes: dequantize with the cache off, dequantize and
   write the weights cache, restore from it.
+- peer (``--peer with|only|none``; with the ``ik-llama-cpp-python`` wheel installed):
+  ik_llama.cpp on the same GGUF file, 2 threads, through its decode calls with a NumPy argmax
+  (bench/peer.py), alternated with jvt run by run: batch-1 decode, batch-8 aggregate decode,
+  TTFT and prefill rate of a 512-token prompt; on the default Q4_1 file and on a Q4_K_M file
+  the wheel's llama-quantize makes from it. The load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -121,6 +126,128 @@ def hf_rate(batch: int, vocab: int) -> float:
     return statistics.median(rates)
 
 
+PEER_PROMPT = 512  # prefill / TTFT prompt length against the peer
+PEER_REPEATS = 5  # alternated runs (after one warm-up of each) per measure
+
+
+def _jvt_peer_side(engine, vocab: int, rep: int) -> dict[str, float]:
+    """jvt's four peer measures: batch-1 and batch-8 greedy decode tok/s (24-token prompts,
+    NEW_TOKENS, EOS ignored, after each request's first token), and one 512-token prompt's
+    time to first token (arrival to first token) and prefill rate (512 / that time)."""
+    import jvt
+
+    params = jvt.SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    out = {}
+    for batch in (1, 8):
+        outs = engine.generate(_prompts(batch, vocab, rep), params, use_tqdm=False)
+        first = max(o.metrics.token_times[0] for o in outs)
+        last = max(o.metrics.token_times[-1] for o in outs)
+        after = sum(sum(t > first for t in o.metrics.token_times) for o in outs)
+        out[f"decode batch {batch}"] = after / (last - first)
+    prompt = np.random.default_rng(100 + rep).integers(100, vocab, PEER_PROMPT).tolist()
+    o = engine.generate([prompt], jvt.SamplingParams(temperature=0.0, max_tokens=1),
+                        use_tqdm=False)[0]
+    out["ttft 512 s"] = o.metrics.token_times[0] - o.metrics.arrival_time
+    out["prefill 512 tok/s"] = PEER_PROMPT / out["ttft 512 s"]
+    return out
+
+
+def _peer_side(peer, vocab: int, rep: int) -> dict[str, float]:
+    """The same four measures on the peer (bench.peer: its decode calls, argmax in NumPy)."""
+    out = {}
+    for batch in (1, 8):
+        peer.clear()
+        prompts = _prompts(batch, vocab, rep)
+        tokens = [peer.prefill(p, seq) for seq, p in enumerate(prompts)]
+        start = time.perf_counter()
+        for i in range(NEW_TOKENS - 1):
+            tokens = peer.step(tokens, [PROMPT_LEN + i] * batch)
+        out[f"decode batch {batch}"] = batch * (NEW_TOKENS - 1) / (time.perf_counter() - start)
+    peer.clear()
+    prompt = np.random.default_rng(100 + rep).integers(100, vocab, PEER_PROMPT).tolist()
+    start = time.perf_counter()
+    peer.prefill(prompt)
+    out["ttft 512 s"] = time.perf_counter() - start
+    out["prefill 512 tok/s"] = PEER_PROMPT / out["ttft 512 s"]
+    return out
+
+
+def versus_peer(path: str, threads: int = 2) -> dict:
+    """jvt (its default weights for ``path``) against ik_llama.cpp on the same GGUF file,
+    runs alternated, medians of PEER_REPEATS after one warm-up each; the load average before
+    and after."""
+    import jvt
+    from bench.peer import Peer
+    from jvt.models.loader import quantizable
+
+    before = os.getloadavg()
+    engine = jvt.Engine(path, max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=512,
+                        token_buckets=(32, 512), seq_buckets=(1, 8), prefill_chunk=512,
+                        enable_prefix_sharing=False)
+    vocab = engine.model.config.vocab_size
+    peer = Peer(path, threads=threads, seqs=8, n_ctx=2048)
+    runs: dict[str, list[dict]] = {"jvt": [], "peer": []}
+    try:
+        for rep in range(PEER_REPEATS + 1):
+            j, q = _jvt_peer_side(engine, vocab, rep), _peer_side(peer, vocab, rep)
+            if rep:
+                runs["jvt"].append(j)
+                runs["peer"].append(q)
+    finally:
+        engine.close()
+    medians = {side: {m: statistics.median(r[m] for r in rs) for m in rs[0]}
+               for side, rs in runs.items()}
+    kept = "quantized" if quantizable(path) else "dequantized to float32"
+    return {"file": path, "jvt weights": kept, "medians": medians, "runs": runs,
+            "loadavg_before": before, "loadavg_after": os.getloadavg()}
+
+
+PEER_TARGETS = {"decode batch 1": 1.2, "prefill 512 tok/s": 1.5, "decode batch 8": 1.5,
+                "ttft 512 s": 0.7}  # jvt / peer (TTFT: at most, the others: at least)
+
+
+def q4_k_m(source: str, out_dir: str) -> str:
+    """A Q4_K_M file of ``source`` written by the peer wheel's llama-quantize (requantized:
+    the tensors llama.cpp's Q4_K_M rules give K-quants become Q4_K / Q6_K, the rest, whose
+    rows are not a multiple of 256, Q5_0 / Q8_0 as llama.cpp does for this model)."""
+    import ik_llama_cpp
+
+    tool = Path(ik_llama_cpp.__file__).parent / "bin" / "llama-quantize"
+    out = str(Path(out_dir) / "model.Q4_K_M.gguf")
+    subprocess.run([str(tool), "--allow-requantize", source, out, "Q4_K_M", "2"],
+                   capture_output=True, check=True, timeout=600)
+    return out
+
+
+def peer_measure() -> dict:
+    """versus_peer on the default model's GGUF file and on a Q4_K_M file made from it."""
+    from jvt.models import locate_real_model
+
+    path = locate_real_model(MODEL)
+    out = {"Q4_1 (default file)": versus_peer(path)}
+    log(f"cpu vs peer, {path}: {out['Q4_1 (default file)']['medians']}")
+    with tempfile.TemporaryDirectory(prefix="jvt-q4km-") as tmp:
+        out["Q4_K_M"] = versus_peer(q4_k_m(path, tmp))
+    log(f"cpu vs peer, Q4_K_M: {out['Q4_K_M']['medians']}")
+    return out
+
+
+def add_peer_table(report: Report, peer: dict) -> None:
+    t = report.table(f"CPU: jvt against ik_llama.cpp on the same GGUF file ({MODEL}, "
+                     f"2 threads, greedy)",
+                     ["file", "measure", "jvt", "ik_llama.cpp", "jvt / peer", "target"])
+    for name, r in peer.items():
+        for m, target in PEER_TARGETS.items():
+            j, q = r["medians"]["jvt"][m], r["medians"]["peer"][m]
+            t.add(f"{name} (jvt {r['jvt weights']})", m, j, q, j / q,
+                  f"<= {target}" if m.startswith("ttft") else f">= {target}")
+        t.notes.append(f"{name}: load average {r['loadavg_before']} before, "
+                       f"{r['loadavg_after']} after")
+    t.notes.append(f"median of {PEER_REPEATS} alternated runs after a warm-up; decode: "
+                   f"{PROMPT_LEN}-token prompts, {NEW_TOKENS} new tokens, tok/s after the first "
+                   f"token (batch 8: aggregate); ttft / prefill: one {PEER_PROMPT}-token prompt")
+
+
 def startup(cache_dir: str) -> float:
     """Seconds of `python examples/chat.py < /dev/null` with JVT_CACHE_DIR=cache_dir."""
     env = {**os.environ, "JVT_CACHE_DIR": cache_dir}
@@ -177,6 +304,8 @@ def run(report: Report, smoke: bool) -> None:
         return
     results = measure(smoke)
     add_tables(report, results)
+    if importlib.util.find_spec("ik_llama_cpp") is not None:
+        add_peer_table(report, peer_measure())
 
 
 def add_tables(report: Report, r: dict) -> None:
@@ -217,12 +346,26 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True, help="where to write the results")
     ap.add_argument("--smoke", action="store_true", help="batch 1 only")
+    ap.add_argument("--peer", choices=("with", "only", "none"), default="with",
+                    help="the ik_llama.cpp comparison too, alone, or not (default: with, "
+                         "when the ik-llama-cpp-python wheel is installed)")
     args = ap.parse_args(argv)
-    results = measure(args.smoke)
+    import importlib.util
+
+    has_peer = importlib.util.find_spec("ik_llama_cpp") is not None
+    if args.peer == "only" and not has_peer:
+        raise SystemExit("--peer only needs the ik-llama-cpp-python wheel (pip install "
+                         "ik-llama-cpp-python)")
+    results = {} if args.peer == "only" else measure(args.smoke)
+    if has_peer and args.peer != "none":
+        results["peer"] = peer_measure()
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cores": os.cpu_count()}
     Path(args.json).write_text(json.dumps({"meta": meta, **results}, indent=1, default=str))
     report = Report(Path(args.json).parent / "cpu_report", meta)
-    add_tables(report, results)
+    if "decode" in results:
+        add_tables(report, results)
+    if "peer" in results:
+        add_peer_table(report, results["peer"])
     print(report.write(), flush=True)
     for table in report.tables:
         print(table.markdown(), flush=True)
