@@ -243,6 +243,10 @@ def add_peer_table(report: Report, peer: dict) -> None:
                   f"<= {target}" if m.startswith("ttft") else f">= {target}")
         t.notes.append(f"{name}: load average {r['loadavg_before']} before, "
                        f"{r['loadavg_after']} after")
+    default = next(iter(peer.values()))["medians"]
+    for m in PEER_TARGETS:
+        report.headline_row("cpu", f"{m} vs ik_llama.cpp", default["jvt"][m], "ik_llama.cpp",
+                            default["peer"][m], not m.startswith("ttft"))
     t.notes.append(f"median of {PEER_REPEATS} alternated runs after a warm-up; decode: "
                    f"{PROMPT_LEN}-token prompts, {NEW_TOKENS} new tokens, tok/s after the first "
                    f"token (batch 8: aggregate); ttft / prefill: one {PEER_PROMPT}-token prompt")
