@@ -388,8 +388,8 @@ class Engine:
 
     def _constrainer(self):
         if self._structured is None:
-            self._structured = structured.Constrainer(self.tokenizer, self.model.config.vocab_size,
-                                           self.tokenizer.eos_ids)
+            self._structured = structured.Constrainer(
+                self.tokenizer, self.model.config.vocab_size, self.tokenizer.eos_ids)
         return self._structured
 
     def _launch(self, plan: StepPlan, masks: np.ndarray | None = None

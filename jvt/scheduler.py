@@ -312,7 +312,9 @@ class Scheduler:
         sequence decodes (``Sequence.decoding``), none with a structured-output constraint
         draws through a top-k / top-p / min-p filter (its tokens cannot be drawn unmasked and
         checked after, jvt.sampling.sample), and no request waits (a waiting request is
-        admitted by the next step, not after a K-step call); else 1."""
+        admitted by the next step, not after a K-step call); else 1. With structured-output
+        sequences running, fewer when they refuse unmasked draws often (refusal_steps of
+        their mean refusal rate)."""
         if self.decode_steps == 1 or self.waiting:
             return 1
         if any(not seq.decoding or (seq.params.constraint is not None and seq.params.filtered)

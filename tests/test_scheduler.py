@@ -385,3 +385,12 @@ def test_prefix_index_longest_truncate_drop():
     index.drop(0)
     index.drop(1)
     assert index.longest(a, 13) == (None, 0) and len(index) == 0
+
+
+def test_refusal_steps_shrink_k_as_refusals_grow():
+    from jvt.scheduler import refusal_steps
+
+    ks = [refusal_steps(r, 8) for r in (0.0, 0.005, 0.02, 0.05, 0.1, 0.3, 1.0)]
+    assert ks[0] == 8 and ks[-1] == 2
+    assert ks == sorted(ks, reverse=True) and len(set(ks)) > 3
+    assert refusal_steps(0.0, 2) == 2 and refusal_steps(0.5, 16) == 2
