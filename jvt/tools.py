@@ -16,7 +16,8 @@ Formats, chosen per chat template (``parser_for``):
   or several joined by ``;`` (Llama 3.1-3.3 templates, which write ``<|python_tag|>``).
 
 Both hermes forms are parsed alike (a block may hold an object or a list); text outside the
-blocks is the message's content.
+blocks is the message's content. Calls stream as they are written (``ToolParser``: a call's
+id and name once its name is complete, then its arguments text piece by piece).
 """
 
 from __future__ import annotations
@@ -53,16 +54,24 @@ class Tool:
 
 @dataclass(frozen=True)
 class ToolCall:
-    """A call found in the output: arguments is JSON text (an object), as OpenAI sends it."""
+    """A call found in the output: arguments is the model's text of them (a JSON object when
+    the output was well formed; what was written, when it broke off or was cut short)."""
 
     name: str
     arguments: str
     id: str
 
-    @staticmethod
-    def new(name: str, arguments: dict) -> ToolCall:
-        return ToolCall(name, json.dumps(arguments, ensure_ascii=False),
-                        f"call_{uuid.uuid4().hex[:24]}")
+
+@dataclass(frozen=True)
+class CallDelta:
+    """A piece of a call as it streams: the first carries its id and name (arguments ""),
+    the later ones the next part of its arguments text. index: the call's number in the
+    output (0, 1, ...)."""
+
+    index: int
+    arguments: str
+    id: str | None = None
+    name: str | None = None
 
 
 def takes_tools(template: str | None) -> bool:
@@ -176,36 +185,6 @@ def call_grammar(tools: list[Tool], parallel: bool, parser: str,
     return f"start: calls | content\ncontent: {content}\n" + rules
 
 
-def _calls(body: str, names: set[str], parser: str) -> list[ToolCall] | None:
-    """The calls written in ``body`` (a hermes block, or a llama3_json output; an empty list,
-    SmolLM2's "no call", is none); None when it is not JSON of known functions (then it stays
-    content)."""
-    try:
-        value = json.loads(body)
-    except ValueError:
-        if parser != LLAMA3_JSON:
-            return None
-        try:
-            value = [json.loads(part) for part in body.split(";")]
-        except ValueError:
-            return None
-    items = value if isinstance(value, list) else [value]
-    calls = []
-    for item in items:
-        if not isinstance(item, dict) or item.get("name") not in names:
-            return None
-        args = item.get("arguments", item.get("parameters", {}))
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except ValueError:
-                return None
-        if not isinstance(args, dict):
-            return None
-        calls.append(ToolCall.new(item["name"], args))
-    return calls
-
-
 def _held(text: str, marker: str) -> int:
     """How many characters at the end of ``text`` may begin ``marker``."""
     for n in range(min(len(text), len(marker) - 1), 0, -1):
@@ -214,43 +193,193 @@ def _held(text: str, marker: str) -> int:
     return 0
 
 
-class ToolParser:
-    """Splits a streamed output into content and tool calls, delta by delta (``feed``) and at
-    the end (``finish``). Joining every content piece gives the non-streamed content: the text
-    outside the calls, whitespace next to a call dropped.
+class _Scanner:
+    """Finds call objects in JSON text as it arrives: a top-level object, or the objects of a
+    top-level list (hermes_list), or objects one after another (llama3_json's ``;``). A call
+    starts once its "name" string is complete and names a known function; its arguments
+    ("arguments", or llama3's "parameters") stream as their text arrives (a JSON string value
+    is decoded when it closes: some models write the arguments as a string). Objects without
+    a known name are kept as text (``stray``)."""
 
-    names: the functions that may be called (a call of any other stays content).
+    def __init__(self, names: set[str], first_index: int):
+        self.names = names
+        self.next_index = first_index
+        self.text = ""
+        self.pos = 0  # scanned up to here
+        self.depth = 0
+        self.in_str = self.esc = False
+        self.level = None  # depth of a call object's members (1: an object body, 2: a list)
+        self.obj = None  # the call object being scanned (dict), or None
+        self.started: list[dict] = []  # calls given out
+        self.stray: list[str] = []  # text of objects that are not calls of known functions
+        self.empty_list = False  # the text is an empty list (SmolLM2's "no call")
+
+    def feed(self, text: str) -> list[CallDelta]:
+        self.text += text
+        out: list[CallDelta] = []
+        t = self.text
+        while self.pos < len(t):
+            self._char(t, self.pos, out)
+            self.pos += 1
+        if self.obj is not None and self.obj["call"] is not None:
+            self._send_arguments(out, final=False)
+        return out
+
+    def _char(self, t: str, i: int, out: list[CallDelta]) -> None:
+        c = t[i]
+        if self.in_str:
+            if self.esc:
+                self.esc = False
+            elif c == "\\":
+                self.esc = True
+            elif c == '"':
+                self.in_str = False
+                if self.obj is not None and self.depth == self.level:
+                    self._string_end(t, i, out)
+            return
+        if self.level is None and not c.isspace():
+            self.level = 2 if c == "[" else 1
+        obj = self.obj
+        if c == '"':
+            self.in_str = True
+            if obj is not None and self.depth == self.level:
+                obj["str_start"] = i
+                self._value_starts(obj, i)
+            return
+        if c in "{[":
+            if obj is None and c == "{" and self.depth == self.level - 1:
+                self.obj = {"start": i, "key": None, "expect": "key", "name": None,
+                            "args": None, "call": None, "sent": 0}
+            elif obj is not None and self.depth == self.level:
+                self._value_starts(obj, i)
+            self.depth += 1
+            return
+        if c in "}]":
+            self.depth -= 1
+            if obj is not None and self.depth == self.level - 1:
+                self._member_ends(obj, i)
+                self._object_ends(obj, i, out)
+            elif self.depth == 0 and c == "]" and not self.started and not self.stray \
+                    and t[:i].strip() == "[":
+                self.empty_list = True
+            return
+        if obj is None or self.depth != self.level:
+            return
+        if c == ":":
+            obj["expect"] = "value"
+        elif c == ",":
+            self._member_ends(obj, i)
+            obj["expect"] = "key"
+        elif not c.isspace():
+            self._value_starts(obj, i)
+
+    def _value_starts(self, obj: dict, i: int) -> None:
+        if obj["expect"] == "value":
+            obj["expect"] = "in_value"
+            if obj["key"] in ("arguments", "parameters") and obj["args"] is None:
+                obj["args"] = [i, None]
+
+    def _string_end(self, t: str, i: int, out: list[CallDelta]) -> None:
+        obj = self.obj
+        raw = t[obj["str_start"]:i + 1]
+        if obj["expect"] == "key":
+            obj["key"], obj["expect"] = json.loads(raw), "colon"
+        elif obj["expect"] == "in_value" and obj["key"] == "name" and obj["name"] is None:
+            obj["name"] = json.loads(raw)
+            if obj["name"] in self.names:
+                obj["call"] = {"id": f"call_{uuid.uuid4().hex[:24]}", "name": obj["name"],
+                               "index": self.next_index, "arguments": ""}
+                self.next_index += 1
+                self.started.append(obj["call"])
+                out.append(CallDelta(obj["call"]["index"], "", obj["call"]["id"],
+                                     obj["name"]))
+                self._send_arguments(out, final=False)
+
+    def _member_ends(self, obj: dict, i: int) -> None:
+        if obj["expect"] == "in_value" and obj["args"] is not None and obj["args"][1] is None:
+            obj["args"][1] = i
+        obj["expect"] = "done"
+
+    def _object_ends(self, obj: dict, i: int, out: list[CallDelta]) -> None:
+        if obj["call"] is None:
+            self.stray.append(self.text[obj["start"]:i + 1])
+        else:
+            self._send_arguments(out, final=True)
+        self.obj = None
+
+    def _send_arguments(self, out: list[CallDelta], final: bool) -> None:
+        """The call's arguments text not yet given out: up to where the scan is (trailing
+        whitespace held back), or all of it once the value (or the text) ended."""
+        obj = self.obj
+        if obj["args"] is None:
+            return
+        start, end = obj["args"]
+        done = end is not None or final
+        raw = self.text[start:end if end is not None else self.pos + 1]
+        raw = raw.rstrip() if done else raw.rstrip(" \t\n\r")
+        if raw.startswith('"'):  # arguments written as a JSON string: decoded when complete
+            if not done:
+                return
+            try:
+                raw = json.loads(raw)
+            except ValueError:
+                pass
+        call = obj["call"]
+        if len(raw) > obj["sent"] and raw.startswith(call["arguments"]):
+            out.append(CallDelta(call["index"], raw[obj["sent"]:]))
+            call["arguments"] = raw
+            obj["sent"] = len(raw)
+
+    def close(self) -> list[CallDelta]:
+        """The text ended: a call object left open keeps the arguments written so far."""
+        out: list[CallDelta] = []
+        if self.obj is not None and self.obj["call"] is not None:
+            self._send_arguments(out, final=True)
+        return out
+
+
+class ToolParser:
+    """Splits a streamed output into content and tool-call pieces, delta by delta (``feed``)
+    and at the end (``finish``). Joining every content piece gives the non-streamed content:
+    the text outside the calls, whitespace next to a call dropped; the pieces of each call
+    (``CallDelta``) add up to the non-streamed call.
+
+    A block (hermes forms; the whole output for llama3_json) is calls once one of its objects
+    has a known function's name: that call is given out then, its arguments as they are
+    written; its objects that are not such calls are content. A block where none is stays
+    content (an empty list, SmolLM2's "no call", disappears).
+
+    names: the functions that may be called.
     """
 
     def __init__(self, names: set[str], parser: str):
         self.names = names
         self.parser = parser
-        self.buf = ""  # text not yet given out
-        self.inside = False  # in a hermes block (or a llama3_json output)
-        self.started = False  # some non-whitespace output has been seen
-        self.called = False  # a call has been given out
+        self.buf = ""  # text not yet given out (outside blocks)
+        self.scanner: _Scanner | None = None  # the block (or llama3 output) being read
+        self.calls = 0  # calls given out
+        self.started = False  # some non-whitespace output has been seen (llama3_json)
         self.after_call = False  # no content since the last call (its whitespace is dropped)
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        """Content to send now and calls completed by ``text``."""
-        self.buf += text
+    def feed(self, text: str) -> tuple[str, list[CallDelta]]:
+        """Content to send now and call pieces settled by ``text``."""
         if self.parser == LLAMA3_JSON:
-            return self._feed_json()
-        content, calls = "", []
+            return self._feed_json(text)
+        self.buf += text
+        content, pieces = "", []
         while True:
-            if self.inside:
+            if self.scanner is not None:
                 end = self.buf.find(CLOSE)
-                if end < 0:
-                    return content, calls
-                body, self.buf = self.buf[:end], self.buf[end + len(CLOSE):]
-                self.inside = False
-                found = _calls(body, self.names, self.parser)
-                if found is None:
-                    content += f"{OPEN}{body}{CLOSE}"
-                else:
-                    calls += found
-                    self.called = self.called or bool(found)
-                    self.after_call = True
+                if end < 0:  # scan all but what may be the start of CLOSE
+                    keep = len(self.buf) - _held(self.buf, CLOSE)
+                    pieces += self._scan(self.buf[:keep])
+                    self.buf = self.buf[keep:]
+                    return content, pieces
+                pieces += self._scan(self.buf[:end])
+                self.buf = self.buf[end + len(CLOSE):]
+                more, rest = self._end_block(CLOSE)
+                pieces += more
+                content += rest
                 continue
             if self.after_call:
                 self.buf = self.buf.lstrip()
@@ -258,47 +387,74 @@ class ToolParser:
             start = self.buf.find(OPEN)
             if start >= 0:
                 content += self.buf[:start].rstrip()
-                self.buf, self.inside = self.buf[start + len(OPEN):], True
+                self.buf = self.buf[start + len(OPEN):]
+                self.scanner = _Scanner(self.names, self.calls)
                 continue
             keep = _held(self.buf, OPEN)
             head, tail = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
             stripped = head.rstrip()  # whitespace before a call is dropped: hold it
             content += stripped
             self.buf = head[len(stripped):] + tail
-            return content, calls
+            return content, pieces
 
-    def _feed_json(self) -> tuple[str, list[ToolCall]]:
+    def _scan(self, text: str) -> list[CallDelta]:
+        pieces = self.scanner.feed(text)
+        self.calls = self.scanner.next_index
+        return pieces
+
+    def _end_block(self, close: str) -> tuple[list[CallDelta], str]:
+        """The block read ends (at CLOSE, or at the end of the output: ``close`` ""): its last
+        pieces and the content it leaves (a block without calls: its whole text)."""
+        sc, self.scanner = self.scanner, None
+        pieces = sc.close()
+        if sc.started or sc.empty_list:
+            self.after_call = True
+            return pieces, "".join(sc.stray)
+        if self.parser == LLAMA3_JSON:
+            return pieces, sc.text
+        return pieces, f"{OPEN}{sc.text}{close}"
+
+    def _feed_json(self, text: str) -> tuple[str, list[CallDelta]]:
         if not self.started:
+            self.buf += text
             lead = self.buf.lstrip()
             if not lead:
                 return "", []
-            self.started, self.inside = True, lead.startswith("{")
-            if self.inside:
-                self.buf = lead
-        if self.inside:
-            return "", []  # the call is parsed when the output ends
-        text, self.buf = self.buf, ""
+            self.started, text, self.buf = True, self.buf, ""
+            if lead.startswith("{"):
+                self.scanner = _Scanner(self.names, 0)
+                text = lead
+        if self.scanner is not None:
+            return "", self._scan(text)
         return text, []
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """What is left when the output ends: an unclosed block that parses is a call, else
-        the text is content (nothing is lost)."""
-        text, self.buf = self.buf, ""
-        if not self.inside:
-            return (text.strip() if self.called else text), []
-        self.inside = False
-        found = _calls(text.strip(), self.names, self.parser)
-        if found is not None:
-            self.called = self.called or bool(found)
-            return "", found
-        return (text if self.parser == LLAMA3_JSON else f"{OPEN}{text}"), []
+    def finish(self) -> tuple[str, list[CallDelta]]:
+        """What is left when the output ends: an unclosed block ends there (a call in it keeps
+        the arguments written so far; a block without calls is content: nothing is lost)."""
+        if self.scanner is None:
+            text, self.buf = self.buf, ""
+            return (text.strip() if self.calls else text), []
+        pieces = self._scan(self.buf)
+        self.buf = ""
+        more, content = self._end_block("")
+        return content, pieces + more
+
+
+def assemble(pieces: list[CallDelta]) -> list[ToolCall]:
+    """The calls that ``pieces`` (in order) add up to."""
+    calls: dict[int, list] = {}
+    for p in pieces:
+        if p.id is not None:
+            calls[p.index] = [p.name, "", p.id]
+        calls[p.index][1] += p.arguments
+    return [ToolCall(*calls[i]) for i in sorted(calls)]
 
 
 def parse(text: str, names: set[str], parser: str) -> tuple[str | None, list[ToolCall]]:
     """A whole output's content (None when only calls were written) and calls."""
     p = ToolParser(names, parser)
-    content, calls = p.feed(text)
+    content, pieces = p.feed(text)
     rest, more = p.finish()
     content += rest
-    calls += more
+    calls = assemble(pieces + more)
     return (content or None) if calls else content, calls

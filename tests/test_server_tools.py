@@ -102,6 +102,15 @@ def test_streamed_calls_equal_the_response(tiny):
         assert content is None
         assert calls == [(c.function.name, c.function.arguments)
                          for c in choice.message.tool_calls]
+        # As OpenAI streams them: a first delta with id, type and name (arguments ""), then
+        # the arguments in pieces as they are written.
+        pieces = [tc for c in mine for tc in c.choices[0].delta.tool_calls or ()]
+        first = pieces[0]
+        assert first.id.startswith("call_") and first.type == "function"
+        assert first.function.name in SCHEMAS and first.function.arguments == ""
+        rest = pieces[1:]
+        assert len(rest) > 1 and all(p.id is None and p.type is None and p.function.name is None
+                                     for p in rest)
 
 
 def test_tools_with_tool_choice_none_change_nothing(tiny):

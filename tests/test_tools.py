@@ -99,14 +99,15 @@ def test_content_or_calls_with_a_json_response_format(engine):
     assert kinds == {"calls", "content"}
 
 
-CALL = '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}'
-OUTPUTS = [  # (parser, text, content, [(name, arguments)])
+ARGS = '{"city": "Oslo", "unit": "celsius"}'
+CALL = f'{{"name": "get_weather", "arguments": {ARGS}}}'
+OUTPUTS = [  # (parser, text, content, [(name, arguments text)])
     (tools.HERMES, (f"Let me look.\n<tool_call>\n{CALL}\n</tool_call>\n<tool_call>\n"
                    '{"name": "now", "arguments": {}}\n</tool_call>\n'),
-     "Let me look.", [("get_weather", {"city": "Oslo", "unit": "celsius"}), ("now", {})]),
+     "Let me look.", [("get_weather", ARGS), ("now", "{}")]),
     (tools.HERMES_LIST, (f'<tool_call>\n[{CALL}, {{"name": "now", "arguments": "{{}}"}}]\n'
                         "</tool_call>"),
-     None, [("get_weather", {"city": "Oslo", "unit": "celsius"}), ("now", {})]),
+     None, [("get_weather", ARGS), ("now", "{}")]),  # arguments as a JSON string: decoded
     (tools.HERMES, "no calls here, only a <tool mention and < signs\n\n",
      "no calls here, only a <tool mention and < signs\n\n", []),
     (tools.HERMES, '<tool_call>{"name": "unknown", "arguments": {}}</tool_call>',
@@ -114,17 +115,25 @@ OUTPUTS = [  # (parser, text, content, [(name, arguments)])
     (tools.HERMES, "<tool_call>{not json}</tool_call> after", "<tool_call>{not json}</tool_call> after",
      []),
     (tools.HERMES, f"<tool_call>\n{CALL}", None,  # unclosed at the end of the output
-     [("get_weather", {"city": "Oslo", "unit": "celsius"})]),
-    (tools.HERMES, '<tool_call>\n{"name": "now", "argu', '<tool_call>\n{"name": "now", "argu',
-     []),
+     [("get_weather", ARGS)]),
+    (tools.HERMES, '<tool_call>\n{"name": "now", "argu', None,  # cut off: what was written
+     [("now", "")]),
+    (tools.HERMES, '<tool_call>{"name": "get_weather", "arguments": {"city": "Os', None,
+     [("get_weather", '{"city": "Os')]),
+    (tools.HERMES, '<tool_call>\n<b>not a call</b>', '<tool_call>\n<b>not a call</b>', []),
     (tools.HERMES, f"<tool_call>{CALL}</tool_call>\n\nThat was it.", "That was it.",
-     [("get_weather", {"city": "Oslo", "unit": "celsius"})]),
+     [("get_weather", ARGS)]),
+    (tools.HERMES, f'<tool_call>{{"arguments": {ARGS}, "name": "get_weather"}}</tool_call>',
+     None, [("get_weather", ARGS)]),  # the name after the arguments
+    (tools.HERMES_LIST, ('<tool_call>[{"name": "bad", "arguments": {}}, '
+                         '{"name": "now", "arguments": {"x": "}]\\"{"}}]</tool_call>'),
+     '{"name": "bad", "arguments": {}}', [("now", '{"x": "}]\\"{"}')]),
     (tools.LLAMA3_JSON, (' {"name": "move-to", "parameters": {"xy": [1, 2]}}; '
                         '{"name": "now", "parameters": {}}'),
-     None, [("move-to", {"xy": [1, 2]}), ("now", {})]),
+     None, [("move-to", '{"xy": [1, 2]}'), ("now", "{}")]),
     (tools.LLAMA3_JSON, '{"name": "nope", "parameters": {}}', '{"name": "nope", "parameters": {}}',
      []),
-    (tools.LLAMA3_JSON, "Plain answer {with braces}", "Plain answer {with braces}", []),
+    (tools.LLAMA3_JSON, "  Plain answer {with braces}", "  Plain answer {with braces}", []),
     (tools.HERMES_LIST, "None of them fits.\n<tool_call>\n[]\n</tool_call>", "None of them fits.",
      []),  # SmolLM2's "no call"
 ]
@@ -132,21 +141,39 @@ OUTPUTS = [  # (parser, text, content, [(name, arguments)])
 
 @pytest.mark.parametrize("parser, text, content, calls", OUTPUTS, ids=range(len(OUTPUTS)))
 def test_parse_whole_and_streamed(parser, text, content, calls):
+    """Whole, and fed in random pieces: the same content, and call pieces (first the id and
+    name, then the arguments text as it is written) that add up to the same calls."""
     got_content, got_calls = tools.parse(text, NAMES, parser)
     assert got_content == content
-    assert [(c.name, json.loads(c.arguments)) for c in got_calls] == calls
+    assert [(c.name, c.arguments) for c in got_calls] == calls
+    assert len({c.id for c in got_calls}) == len(got_calls)
     rng = random.Random(0)
     for _ in range(50):
-        p, streamed, streamed_calls, i = tools.ToolParser(NAMES, parser), "", [], 0
+        p, streamed, pieces, i = tools.ToolParser(NAMES, parser), "", [], 0
         while i < len(text):
             j = i + rng.randint(1, 6)
             piece, found = p.feed(text[i:j])
-            streamed, streamed_calls, i = streamed + piece, streamed_calls + found, j
+            streamed, pieces, i = streamed + piece, pieces + found, j
         piece, found = p.finish()
-        streamed, streamed_calls = streamed + piece, streamed_calls + found
-        assert (streamed or None if streamed_calls else streamed) == content
-        assert [(c.name, c.arguments) for c in streamed_calls] == [
-            (c.name, c.arguments) for c in got_calls]
+        streamed, pieces = streamed + piece, pieces + found
+        assert (streamed or None if pieces else streamed) == content
+        assert [(c.name, c.arguments) for c in tools.assemble(pieces)] == calls
+        for c in range(len(calls)):  # each call starts with its id and name, then arguments
+            mine = [x for x in pieces if x.index == c]
+            assert mine[0].id and mine[0].name and mine[0].arguments == ""
+            assert all(x.id is None and x.name is None for x in mine[1:])
+
+
+def test_arguments_stream_as_they_are_written():
+    p = tools.ToolParser(NAMES, tools.HERMES)
+    text = f"<tool_call>\n{CALL}\n</tool_call>"
+    seen = []
+    for ch in text:
+        _, pieces = p.feed(ch)
+        seen += [(x.id is not None, x.arguments) for x in pieces]
+    assert seen[0][0] and len(seen) > 10  # the start, then many small argument pieces
+    assert "".join(a for _, a in seen) == ARGS
+    assert p.finish() == ("", [])
 
 
 def test_parser_per_template(smollm2_template):

@@ -616,13 +616,20 @@ class ChatCompletionResponse(_Response):
     prompt_logprobs: PromptLogprobs | None = _omitted_if_none()  # when the request asked
 
 
+class FunctionCallDelta(_Response):
+    name: str | None = _omitted_if_none()  # in a call's first delta only
+    arguments: str  # the next part of the arguments text ("" in the first delta)
+
+
 class ToolCallDelta(_Response):
-    """A whole call in one delta: its index in the turn, id, name and arguments."""
+    """A piece of a call, as OpenAI streams them: the first delta of a call carries its id,
+    type and name with arguments "", the later ones (index only) the next part of its
+    arguments text."""
 
     index: int
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
+    id: str | None = _omitted_if_none()
+    type: Literal["function"] | None = _omitted_if_none()
+    function: FunctionCallDelta
 
 
 class ChatDelta(_Response):

@@ -22,6 +22,7 @@ from jvt.server.protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
     FunctionCall,
+    FunctionCallDelta,
     TokenLogprob,
     ToolCallDelta,
     ToolCallOut,
@@ -111,10 +112,10 @@ class ChatServing:
     async def _stream(self, gen: Generation, head: dict, n: int, include_usage: bool,
                       parsers: list[tools.ToolParser | None]):
         """The first role chunk carries prompt_logprobs when the request asked. With tools,
-        each choice's text goes through its ToolParser: a call is sent whole in one delta when
-        its block closes."""
+        each choice's text goes through its ToolParser: a call's first delta (id, name) goes
+        out once its name is written, then its arguments text as it is written."""
         started = [False] * n
-        calls_sent = [0] * n
+        called = [False] * n
         outs: list[RequestOutput | None] = [None] * n
         try:
             async for u in gen.updates():
@@ -138,13 +139,16 @@ class ChatServing:
                 if (not text and not calls and not (lp and lp.content)
                         and d.finish_reason is None):
                     continue  # nothing settled yet (text held back)
-                deltas = [ToolCallDelta(index=calls_sent[i] + k, id=c.id, function=FunctionCall(
-                    name=c.name, arguments=c.arguments)) for k, c in enumerate(calls)]
-                calls_sent[i] += len(calls)
+                deltas = [ToolCallDelta(index=c.index, id=c.id,
+                                        type=None if c.id is None else "function",
+                                        function=FunctionCallDelta(name=c.name,
+                                                                   arguments=c.arguments))
+                          for c in calls]
+                called[i] = called[i] or bool(calls)
                 delta = ChatDelta(content=text or None, tool_calls=deltas or None)
                 yield self._chunk(head, ChatStreamChoice(
                     index=i, delta=delta, logprobs=lp,
-                    finish_reason=_finish(d.finish_reason, calls_sent[i] > 0)))
+                    finish_reason=_finish(d.finish_reason, called[i])))
             if include_usage:
                 yield sse(ChatCompletionChunk(**head, choices=[], usage=usage(outs, n)))
         except (EngineDeadError, RequestFailedError) as e:
