@@ -281,11 +281,14 @@ class _Scanner:
 
     def _string_end(self, t: str, i: int, out: list[CallDelta]) -> None:
         obj = self.obj
-        raw = t[obj["str_start"]:i + 1]
+        try:
+            value = json.loads(t[obj["str_start"]:i + 1])
+        except ValueError:  # a bad escape: neither a key nor a name we know
+            value = None
         if obj["expect"] == "key":
-            obj["key"], obj["expect"] = json.loads(raw), "colon"
+            obj["key"], obj["expect"] = value, "colon"
         elif obj["expect"] == "in_value" and obj["key"] == "name" and obj["name"] is None:
-            obj["name"] = json.loads(raw)
+            obj["name"] = value
             if obj["name"] in self.names:
                 obj["call"] = {"id": f"call_{uuid.uuid4().hex[:24]}", "name": obj["name"],
                                "index": self.next_index, "arguments": ""}

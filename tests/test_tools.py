@@ -121,6 +121,8 @@ OUTPUTS = [  # (parser, text, content, [(name, arguments text)])
     (tools.HERMES, '<tool_call>{"name": "get_weather", "arguments": {"city": "Os', None,
      [("get_weather", '{"city": "Os')]),
     (tools.HERMES, '<tool_call>\n<b>not a call</b>', '<tool_call>\n<b>not a call</b>', []),
+    (tools.HERMES, '<tool_call>{"na\\q": 1, "name": "no\\w"}</tool_call>',  # bad escapes
+     '<tool_call>{"na\\q": 1, "name": "no\\w"}</tool_call>', []),
     (tools.HERMES, f"<tool_call>{CALL}</tool_call>\n\nThat was it.", "That was it.",
      [("get_weather", ARGS)]),
     (tools.HERMES, f'<tool_call>{{"arguments": {ARGS}, "name": "get_weather"}}</tool_call>',
