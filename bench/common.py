@@ -114,6 +114,15 @@ def check_close(name: str, out: Any, ref: Any, *, rel: float = 0.02, abs_: float
     return err
 
 
+def decode_rate(outs) -> float:
+    """Tokens/s of RequestOutputs generated together, after each request's first token:
+    tokens sampled after the last first token over the time from it to the last token."""
+    first = max(o.metrics.token_times[0] for o in outs)
+    last = max(o.metrics.token_times[-1] for o in outs)
+    after = sum(sum(t > first for t in o.metrics.token_times) for o in outs)
+    return after / (last - first)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """q-th percentile (0..100) of values; nan when empty."""
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else math.nan

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import Report, log
+from bench.common import Report, decode_rate, log
 
 MODEL = "smollm2-135m"
 PROMPT_LEN = 24
@@ -66,11 +66,8 @@ def jvt_rate(model, batch: int) -> float:
         for rep in range(REPEATS + 1):
             outs = engine.generate(_prompts(batch, model.config.vocab_size, rep), params,
                                    use_tqdm=False)
-            first = max(o.metrics.token_times[0] for o in outs)
-            last = max(o.metrics.token_times[-1] for o in outs)
-            steps = sum(sum(t > first for t in o.metrics.token_times) for o in outs)
             if rep:  # the first run warms up
-                rates.append(steps / (last - first))
+                rates.append(decode_rate(outs))
     finally:
         engine.close()
     return statistics.median(rates)
@@ -140,10 +137,7 @@ def _jvt_peer_side(engine, vocab: int, rep: int) -> dict[str, float]:
     out = {}
     for batch in (1, 8):
         outs = engine.generate(_prompts(batch, vocab, rep), params, use_tqdm=False)
-        first = max(o.metrics.token_times[0] for o in outs)
-        last = max(o.metrics.token_times[-1] for o in outs)
-        after = sum(sum(t > first for t in o.metrics.token_times) for o in outs)
-        out[f"decode batch {batch}"] = after / (last - first)
+        out[f"decode batch {batch}"] = decode_rate(outs)
     prompt = np.random.default_rng(100 + rep).integers(100, vocab, PEER_PROMPT).tolist()
     o = engine.generate([prompt], jvt.SamplingParams(temperature=0.0, max_tokens=1),
                         use_tqdm=False)[0]

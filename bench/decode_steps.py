@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from bench.common import decode_rate
+
 PROMPT_LEN = 24
 NEW_TOKENS = 128
 BATCHES = (1, 8)
@@ -49,11 +51,8 @@ def _once(engine, prompts) -> tuple[float, float]:
         engine.step()
         steps += 1
     outs = [h.output() for h in handles]
-    first = max(o.metrics.token_times[0] for o in outs)
-    last = max(o.metrics.token_times[-1] for o in outs)
-    after = sum(sum(t > first for t in o.metrics.token_times) for o in outs)
     tokens = sum(len(o.token_ids) for o in outs)
-    return after / (last - first), steps / tokens
+    return decode_rate(outs), steps / tokens
 
 
 def measure(name: str, ks: list[int], device: str, repeats: int) -> list[dict]:

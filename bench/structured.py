@@ -24,6 +24,8 @@ import platform
 import statistics
 import time
 
+from bench.common import decode_rate
+
 SCHEMAS = {
     "flat": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
              "required": ["a", "b"]},
@@ -79,11 +81,7 @@ def _rate(engine, prompt: list[int], params) -> float:
     handles = [engine.add_request(prompt, params) for _ in range(BATCH)]
     while engine.has_unfinished():
         engine.step()
-    outs = [h.output() for h in handles]
-    first = max(o.metrics.token_times[0] for o in outs)
-    last = max(o.metrics.token_times[-1] for o in outs)
-    after = sum(sum(t > first for t in o.metrics.token_times) for o in outs)
-    return after / (last - first)
+    return decode_rate([h.output() for h in handles])
 
 
 def measure(model: str, repeats: int) -> dict:

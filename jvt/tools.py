@@ -203,16 +203,21 @@ class _Scanner:
 
     def __init__(self, names: set[str], first_index: int):
         self.names = names
-        self.next_index = first_index
+        self.first_index = first_index
+        self.next_index = first_index  # the next call's index
         self.text = ""
         self.pos = 0  # scanned up to here
         self.depth = 0
         self.in_str = self.esc = False
         self.level = None  # depth of a call object's members (1: an object body, 2: a list)
         self.obj = None  # the call object being scanned (dict), or None
-        self.started: list[dict] = []  # calls given out
         self.stray: list[str] = []  # text of objects that are not calls of known functions
         self.empty_list = False  # the text is an empty list (SmolLM2's "no call")
+
+    @property
+    def started(self) -> bool:
+        """Whether a call was given out."""
+        return self.next_index > self.first_index
 
     def feed(self, text: str) -> list[CallDelta]:
         self.text += text
@@ -293,7 +298,6 @@ class _Scanner:
                 obj["call"] = {"id": f"call_{uuid.uuid4().hex[:24]}", "name": obj["name"],
                                "index": self.next_index, "arguments": ""}
                 self.next_index += 1
-                self.started.append(obj["call"])
                 out.append(CallDelta(obj["call"]["index"], "", obj["call"]["id"],
                                      obj["name"]))
                 self._send_arguments(out, final=False)

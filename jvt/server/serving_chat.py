@@ -115,7 +115,6 @@ class ChatServing:
         each choice's text goes through its ToolParser: a call's first delta (id, name) goes
         out once its name is written, then its arguments text as it is written."""
         started = [False] * n
-        called = [False] * n
         outs: list[RequestOutput | None] = [None] * n
         try:
             async for u in gen.updates():
@@ -144,11 +143,11 @@ class ChatServing:
                                         function=FunctionCallDelta(name=c.name,
                                                                    arguments=c.arguments))
                           for c in calls]
-                called[i] = called[i] or bool(calls)
                 delta = ChatDelta(content=text or None, tool_calls=deltas or None)
+                called = parsers[i] is not None and parsers[i].calls > 0
                 yield self._chunk(head, ChatStreamChoice(
                     index=i, delta=delta, logprobs=lp,
-                    finish_reason=_finish(d.finish_reason, called[i])))
+                    finish_reason=_finish(d.finish_reason, called)))
             if include_usage:
                 yield sse(ChatCompletionChunk(**head, choices=[], usage=usage(outs, n)))
         except (EngineDeadError, RequestFailedError) as e:
