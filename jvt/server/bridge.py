@@ -152,8 +152,11 @@ class EngineBridge(EngineFront):
     def alive(self) -> bool:
         return self._error is None and self._thread.is_alive()
 
-    def submit(self, items: list[tuple[Prompt, SamplingParams]]) -> Submission:
+    def submit(self, items: list[tuple[Prompt, SamplingParams]],
+               affinity: str | None = None) -> Submission:
         """Queue ``items`` in the engine (from a coroutine); await ``accepted`` next.
+        affinity: which conversation the request continues (routes between replicas,
+        ``ray_serve.ServeFront``; one engine has nothing to route).
 
         Raises QueueFullError (too many unfinished requests, or shutting down) or
         EngineDeadError before anything is queued.

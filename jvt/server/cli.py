@@ -8,6 +8,7 @@ engine (slots and chunks returned) and exit 0; a second SIGINT forces the exit.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -75,6 +76,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not serve the chat page at / (served by default)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
+    ray = parser.add_argument_group("Ray Serve replicas (docs/scaling.md; pip install -e "
+                                    "'.[ray]')")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve engine replicas on Ray Serve behind its HTTP proxy")
+    ray.add_argument("--replicas", type=int, default=None,
+                     help="engine replicas (default 1 unless --autoscaling-config)")
+    ray.add_argument("--autoscaling-config", type=json.loads, default=None, metavar="JSON",
+                     help="Ray Serve's autoscaling_config for the engine replicas, e.g. "
+                          "'{\"min_replicas\": 1, \"max_replicas\": 4}'")
+    ray.add_argument("--routing", default="affinity", choices=["affinity", "random"],
+                     help="keep a conversation on the replica holding its KV (default), or "
+                          "Ray's power-of-two choices")
+    ray.add_argument("--max-ongoing-requests", type=int, default=None,
+                     help="requests one replica takes before it counts as full (default: "
+                          "--max-num-seqs)")
+    ray.add_argument("--ray-address", default=None,
+                     help="join this Ray cluster (default: start one on this machine)")
+    ray.add_argument("--ray-metrics-port", type=int, default=None,
+                     help="port of the started cluster's Prometheus endpoint, where each "
+                          "replica's ray_jvt_* gauges are (default: Ray's choice)")
     add_engine_arguments(parser)
 
 
@@ -134,10 +155,13 @@ def run(args: argparse.Namespace) -> int:
             if not getattr(args, flag) > 0:
                 raise ValueError(f"--{flag.replace('_', '-')} must be > 0 seconds, got "
                                  f"{getattr(args, flag)}")
+        _check_ray_flags(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     names = args.served_model_name or [args.model]
+    if args.ray:
+        return _run_ray(args, opts, names, max_queue)
     bridge = None
     metrics = ServerMetrics(names[0], lambda: bridge.stats, lambda: bridge.unfinished)
     if args.engine_in_process:
@@ -172,4 +196,51 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bridge.stop()
     return 1 if bridge.died else 0
+
+
+RAY_ONLY = ("replicas", "autoscaling_config", "max_ongoing_requests", "ray_address",
+            "ray_metrics_port")
+
+
+def _check_ray_flags(args: argparse.Namespace) -> None:
+    if not args.ray:
+        given = [f"--{n.replace('_', '-')}" for n in RAY_ONLY if getattr(args, n) is not None]
+        if given or args.routing != "affinity":
+            raise ValueError(f"{', '.join(given) or '--routing'} needs --ray")
+        return
+    if args.engine_in_process:
+        raise ValueError("--engine-in-process and --ray exclude each other (each replica runs "
+                         "its engine on a thread of its own process)")
+    if args.header_timeout != DEFAULT_HEADER_TIMEOUT_S:
+        raise ValueError("--header-timeout does not apply with --ray (Ray Serve's proxy reads "
+                         "the headers)")
+    if args.ray_address is not None and args.ray_metrics_port is not None:
+        raise ValueError("--ray-metrics-port is for the cluster --ray starts, not one joined "
+                         "with --ray-address (its metrics port is set where it was started)")
+    if args.replicas is not None and args.autoscaling_config is not None:
+        raise ValueError("give --replicas or --autoscaling-config, not both")
+    if args.autoscaling_config is not None and not isinstance(args.autoscaling_config, dict):
+        raise ValueError("--autoscaling-config must be a JSON object")
+
+
+def _run_ray(args: argparse.Namespace, opts: dict, names: list[str], max_queue: int) -> int:
+    from jvt.server import ray_serve
+
+    try:
+        app = ray_serve.build_app(
+            args.model, opts, autoscaling=args.autoscaling_config,
+            replicas=None if args.autoscaling_config else (
+                1 if args.replicas is None else args.replicas),
+            max_queue=max_queue, routing=args.routing,
+            max_ongoing_requests=args.max_ongoing_requests,
+            app_options={"served_names": names, "root": args.model, "api_key": args.api_key,
+                         "max_request_bytes": args.max_request_bytes,
+                         "body_timeout_s": args.body_timeout, "ui": args.ui,
+                         "tool_parser": None if args.tool_call_parser == "auto"
+                         else args.tool_call_parser})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return ray_serve.run(app, host=args.host, port=args.port, address=args.ray_address,
+                         metrics_port=args.ray_metrics_port)
 

@@ -138,9 +138,11 @@ class EngineClient(EngineFront):
 
     # -- requests (event loop) ----------------------------------------------------------
 
-    def submit(self, items: list[tuple[Prompt, SamplingParams]]) -> Submission:
+    def submit(self, items: list[tuple[Prompt, SamplingParams]],
+               affinity: str | None = None) -> Submission:
         """Queue ``items`` (token-id prompts) in the engine; await ``accepted`` next. Raises
-        QueueFullError or EngineDeadError (status 503) before anything is sent."""
+        QueueFullError or EngineDeadError (status 503) before anything is sent. affinity: as
+        EngineBridge.submit (one engine: unused)."""
         if not self.alive:
             raise EngineDeadError(f"the engine is not running ({self._dead})", status=503)
         self._reserve(len(items))

@@ -26,9 +26,10 @@ _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 
 class ServerMetrics:
     """The server's metrics. stats: returns the latest engine.stats() dict ({} before the
-    first step); unfinished: the API process's count of unfinished engine requests."""
+    first step), or None: no engine behind this process alone (Ray Serve replicas export their
+    own); unfinished: the API process's count of unfinished engine requests."""
 
-    def __init__(self, model_name: str, stats: Callable[[], dict],
+    def __init__(self, model_name: str, stats: Callable[[], dict] | None,
                  unfinished: Callable[[], int] = lambda: 0):
         # Counters would also export a *_created series each; vLLM turns them off too
         # (process-wide: the server owns its process).
@@ -79,39 +80,44 @@ class ServerMetrics:
         return prometheus_client.generate_latest(self.registry)
 
 
+KV_USAGE_DOC = "Fraction of the KV budget's chunks in use (1 = full), retained slots included."
+
+
 class _EngineCollector:
     """Gauges (and the preemption counter) derived from the engine's stats at scrape time, and
     the API side's count of unfinished requests."""
 
-    def __init__(self, model_name: str, stats: Callable[[], dict],
+    def __init__(self, model_name: str, stats: Callable[[], dict] | None,
                  unfinished: Callable[[], int]):
         self.model_name = model_name
         self.stats = stats
         self.unfinished = unfinished
 
     def collect(self):
-        s = self.stats()
         label = [self.model_name]
-        gauges = (("jvt:num_requests_running", "Requests in the running batch.",
-                   s.get("running", 0)),
-                  ("jvt:num_requests_waiting", "Requests waiting to be scheduled.",
-                   s.get("waiting", 0)),
-                  ("jvt:num_requests_unfinished",
+        gauges = [("jvt:num_requests_unfinished",
                    "Requests the server holds (queued, running or finishing; the API side).",
-                   self.unfinished()),
-                  ("jvt:kv_cache_usage_perc",
-                   "Fraction of the KV budget's chunks in use (1 = full), retained slots included.",
-                   _kv_usage(s)))
+                   self.unfinished())]
+        if self.stats is not None:
+            s = self.stats()
+            gauges += [("jvt:num_requests_running", "Requests in the running batch.",
+                        s.get("running", 0)),
+                       ("jvt:num_requests_waiting", "Requests waiting to be scheduled.",
+                        s.get("waiting", 0)),
+                       ("jvt:kv_cache_usage_perc", KV_USAGE_DOC, kv_usage(s))]
         for name, doc, value in gauges:
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric(label, value)
             yield g
+        if self.stats is None:
+            return
         c = CounterMetricFamily("jvt:num_preemptions", "Preemptions (swap or recompute).",
                                 labels=["model_name"])
         c.add_metric(label, s.get("preemptions", 0))
         yield c
 
 
-def _kv_usage(s: dict) -> float:
+def kv_usage(s: dict) -> float:
+    """Fraction of the KV budget's chunks in use, from engine.stats()."""
     budget_chunks = s.get("kv_budget_bytes", 0) // max(1, s.get("chunk_bytes", 1))
     return s.get("chunks_in_use", 0) / budget_chunks if budget_chunks else 0.0

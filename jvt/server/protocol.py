@@ -524,10 +524,15 @@ def _omitted_if_none(default=None):
     return Field(default, exclude_if=lambda v: v is None)
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int  # prompt tokens whose KV was reused (prefix sharing, a kept turn)
+
+
 class UsageInfo(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionLogProbs(_Response):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
 import math
 from collections.abc import AsyncIterator
 
@@ -28,7 +30,7 @@ from jvt.server.bridge import (
     Update,
 )
 from jvt.server.errors import APIError, error_body, sampling_field
-from jvt.server.protocol import PromptLogprob, PromptLogprobs, UsageInfo
+from jvt.server.protocol import PromptLogprob, PromptLogprobs, PromptTokensDetails, UsageInfo
 from jvt.types import Logprob, RequestOutput, SamplingParams, StreamDelta
 
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
@@ -245,18 +247,18 @@ class ServingContext:
                            field)
 
     async def submit(self, items: list[tuple[list[int], SamplingParams]], param: str,
-                     item_name=None) -> Generation:
+                     item_name=None, affinity: str | None = None) -> Generation:
         """Queue ``items`` in the engine; the Generation once the engine has accepted all.
+        affinity: ``affinity_key`` of the request (which replica should serve it).
 
         Errors: 400 when the engine rejects an item (``param`` names the field unless the
         message names a SamplingParams field; ``item_name(i)`` the item in the message), 503 (Retry-After) when the queue is full,
         500 when the engine is dead or failed to admit the request.
         """
         try:
-            sub = self.bridge.submit(items)
+            sub = self.bridge.submit(items, affinity)
         except QueueFullError as e:
-            raise APIError(503, f"server busy: {e}; retry later", None,
-                           {"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise _busy(e) from None
         except EngineDeadError as e:
             raise APIError(e.status, str(e)) from None
         accepted = asyncio.wrap_future(sub.accepted)
@@ -272,9 +274,32 @@ class ServingContext:
         if isinstance(error, InvalidRequestError):
             where = f"{item_name(error.index)}: " if item_name and len(items) > 1 else ""
             raise APIError(400, where + str(error), sampling_field(str(error)) or param) from None
+        if isinstance(error, QueueFullError):  # a replica's own bound (ray_serve)
+            raise _busy(error) from None
         if error is not None:
             raise APIError(500, str(error)) from None
         return Generation(self.bridge, sub)
+
+
+def _busy(e: QueueFullError) -> APIError:
+    return APIError(503, f"server busy: {e}; retry later", None,
+                    {"Retry-After": str(RETRY_AFTER_S)})
+
+
+SESSION_HEADER = "x-session-id"  # Ray Serve's session header
+AFFINITY_PREFIX_TOKENS = 32  # a completion prompt's conversation: its first tokens
+
+
+def affinity_key(raw: Request, user: str | None, start: object) -> str:
+    """The conversation a request continues, for routing it to the replica that holds its
+    KV: the X-Session-Id header, else the request's ``user``, else a hash of ``start`` (the
+    chat messages up to the first user message, or a prompt's first AFFINITY_PREFIX_TOKENS
+    token ids: the same for every turn of one conversation)."""
+    explicit = raw.headers.get(SESSION_HEADER) or user
+    if explicit:
+        return f"session:{explicit}"
+    digest = hashlib.blake2b(json.dumps(start).encode(), digest_size=12).hexdigest()
+    return f"prefix:{digest}"
 
 
 def json_response(body: BaseModel) -> Response:
@@ -332,5 +357,7 @@ def usage(outs: list[RequestOutput], n: int) -> UsageInfo:
     tokens (a final EOS or stop token included)."""
     prompt = sum(len(outs[i].prompt_token_ids) for i in range(0, len(outs), n))
     completion = sum(len(o.token_ids) for o in outs)
+    cached = sum(outs[i].metrics.prefix_tokens_reused for i in range(0, len(outs), n))
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)
+                     total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))

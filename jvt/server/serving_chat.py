@@ -34,6 +34,7 @@ from jvt.server.serving import (
     EventStream,
     Generation,
     ServingContext,
+    affinity_key,
     json_response,
     prompt_logprobs,
     sse,
@@ -65,7 +66,10 @@ class ChatServing:
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         ctx.check_room(ids, req.max_completion_tokens if req.max_completion_tokens is not None
                        else req.max_tokens, "messages", "messages", field)
-        gen = await ctx.submit([(ids, sp) for sp in params], "messages")
+        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"),
+                          len(messages) - 1)
+        gen = await ctx.submit([(ids, sp) for sp in params], "messages",
+                               affinity=affinity_key(raw, req.user, messages[:first_user + 1]))
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
         names = {t.name for t in tool_list}
         if req.stream:

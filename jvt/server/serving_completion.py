@@ -17,11 +17,13 @@ from jvt.server.protocol import (
     CompletionResponse,
 )
 from jvt.server.serving import (
+    AFFINITY_PREFIX_TOKENS,
     LOGPROB_FLOOR,
     SSE_DONE,
     EventStream,
     Generation,
     ServingContext,
+    affinity_key,
     json_response,
     prompt_logprobs,
     sse,
@@ -60,7 +62,8 @@ class CompletionServing:
             ctx.check_room(p, req.max_tokens, name, "prompt", "max_tokens")
         n = req.n
         gen = await ctx.submit([(p, sp) for p in ids for sp in params], "prompt",
-                               lambda i: f"prompt[{i // n}]")
+                               lambda i: f"prompt[{i // n}]",
+                               affinity_key(raw, req.user, ids[0][:AFFINITY_PREFIX_TOKENS]))
         echo = [(p if isinstance(p, str) else ctx.tokenizer.decode(p)) if req.echo else ""
                 for p in prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
