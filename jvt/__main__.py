@@ -19,6 +19,13 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete one or more prompts")
     gen.add_argument("--prompt", action="append", required=True,
                      help="a prompt (repeat for a batch)")
+    dist = gen.add_argument_group(
+        "tensor parallelism across processes (docs/scaling.md): run the same command in each "
+        "process with its --process-id; process 0 prints")
+    dist.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                      help="jax.distributed coordinator (process 0 runs it)")
+    dist.add_argument("--num-processes", type=int, default=None)
+    dist.add_argument("--process-id", type=int, default=None)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (docs/server.md)")
     from jvt.server.cli import add_arguments
 
@@ -52,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         from jvt.server.cli import run
 
         return run(args)
+    if args.command == "generate" and not _join(args):
+        return 2
     import jvt
     from jvt.chat import CHAT_ENGINE
 
@@ -74,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if args.process_id:  # another process of a multi-process engine: process 0 prints
+            return 0
         for out in outputs:
             m = out.metrics
             print(f"--- {out.prompt!r} ({len(out.token_ids)} tokens, {out.finish_reason}, "
@@ -81,6 +92,24 @@ def main(argv: list[str] | None = None) -> int:
             print(out.text)
         return 0
     return _chat(engine, params, args.system)
+
+
+def _join(args) -> bool:
+    """jax.distributed for --coordinator / --num-processes / --process-id (all or none);
+    False (after printing why) for bad values."""
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if all(v is None for v in given):
+        return True
+    try:
+        if any(v is None for v in given):
+            raise ValueError("--coordinator, --num-processes and --process-id go together")
+        from jvt import distributed
+
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 def _chat(engine, params, system: str | None) -> int:

@@ -129,15 +129,24 @@ def _gpu_room(device: jax.Device, utilization: float, temp_bytes: int) -> int:
 
 def make_store(mc: ModelConfig, kv: KVPlan, slots: int,
                devices: list[jax.Device]) -> KVStore | KVStoreGroup:
-    """One store per device (host stores for CPU devices); a group for several."""
+    """One store per device of this process (host stores for CPU devices); a group under
+    tensor parallelism (with jax.distributed, of this process's devices only: the others'
+    stores live in their own processes)."""
+    local = [d for d in devices if d.process_index == jax.process_index()]
     stores = [KVStore(mc.num_layers, kv.kv_heads, mc.head_dim, mc.dtype, slots,
                       kv.max_model_len, kv.budget_bytes,
                       "cpu" if d.platform == "cpu" else f"cuda:{d.local_hardware_id}")
-              for d in devices]
-    if len(stores) == 1:
+              for d in local]
+    if len(devices) == 1:
         return stores[0]
-    # The FFI handler's device ordinal is the process-local one (the CUDA ordinal on a GPU).
-    return KVStoreGroup(stores, [d.local_hardware_id for d in devices])
+    return KVStoreGroup(stores, [ffi_ordinal(d) for d in local])
+
+
+def ffi_ordinal(device: jax.Device) -> int:
+    """The device ordinal XLA hands the FFI handler on ``device``: the CUDA ordinal on a GPU
+    (process-local), the global device id on the CPU (which equals the process-local index in
+    one process; process p's CPU device is 2048 p under jax.distributed, measured)."""
+    return device.id if device.platform == "cpu" else device.local_hardware_id
 
 
 def _default_max_model_len(mc: ModelConfig, token_bytes: int, chunk: int, cap: int) -> int:

@@ -103,7 +103,23 @@ def make_mesh(devices: list[jax.Device]) -> Mesh:
 
 def place(weights: list[jax.Array], specs: list[PartitionSpec], mesh: Mesh) -> list[jax.Array]:
     """Each weight on the mesh, split per its spec."""
-    return [jax.device_put(w, NamedSharding(mesh, s)) for w, s in zip(weights, specs)]
+    return [put(w, NamedSharding(mesh, s)) for w, s in zip(weights, specs)]
+
+
+def put(tree, sharding):
+    """jax.device_put of host values (a pytree). Under jax.distributed (several processes),
+    each process places its own devices' parts from its own copy, which is the same in every
+    process by construction (same weights, same requests in the same order):
+    jax.device_put would check that with a cross-process all-gather of every value, a
+    collective per step input that can also interleave with the collectives of a step still
+    running, and deadlock."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda v: _put_local(np.asarray(v), sharding), tree)
+
+
+def _put_local(value: np.ndarray, sharding) -> jax.Array:
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

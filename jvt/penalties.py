@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jvt import parallel
 from jvt.types import SamplingParams
 
 PROMPT, BANNED = 1, 2  # flags bits: the token is in the prompt; min_tokens bans it
@@ -31,7 +32,7 @@ class PenaltyTables:
 
     @staticmethod
     def zeros(slots: int, vocab: int, sharding) -> PenaltyTables:
-        return jax.device_put(PenaltyTables(np.zeros((slots, vocab), np.int32),
+        return parallel.put(PenaltyTables(np.zeros((slots, vocab), np.int32),
                                             np.zeros((slots, vocab), np.uint8),
                                             np.zeros((slots, vocab), np.float32)), sharding)
 

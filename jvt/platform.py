@@ -14,7 +14,8 @@ HOST_KV_FRACTION = 0.25  # default cap of a host (CPU) store's physical KV: a qu
 
 
 def jax_devices(device: str, count: int, gpu_memory_utilization: float) -> list[jax.Device]:
-    """`count` jax.Devices from "cpu", "cuda" or "cuda:N" on (ValueError when too few). On
+    """`count` jax.Devices from "cpu", "cuda" or "cuda:N" on (ValueError when too few; under
+    jax.distributed the devices are every process's, and each process must own one). On
     CUDA, before JAX initialises, XLA's pool is made to grow on demand up to
     gpu_memory_utilization of the device (the KV chunks live outside it), unless the
     XLA_PYTHON_CLIENT_* variables say otherwise."""
@@ -24,7 +25,7 @@ def jax_devices(device: str, count: int, gpu_memory_utilization: float) -> list[
             raise ValueError(f"tensor_parallel={count} needs {count} CPU devices, JAX has "
                              f"{len(cpus)} (set XLA_FLAGS=--xla_force_host_platform_device_"
                              f"count={count} before JAX starts)")
-        return cpus[:count]
+        return _owned(cpus[:count])
     from jax._src import xla_bridge
 
     pool_vars = {"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
@@ -45,7 +46,15 @@ def jax_devices(device: str, count: int, gpu_memory_utilization: float) -> list[
     if index + count > len(gpus):
         raise ValueError(f"device={device!r} with tensor_parallel={count} needs GPUs "
                          f"{index}..{index + count - 1}, but JAX sees {len(gpus)} GPU(s)")
-    return gpus[index:index + count]
+    return _owned(gpus[index:index + count])
+
+
+def _owned(devices: list[jax.Device]) -> list[jax.Device]:
+    if not any(d.process_index == jax.process_index() for d in devices):
+        raise ValueError(f"tensor_parallel={len(devices)} uses devices of other processes "
+                         f"only; under jax.distributed each process must own one of the "
+                         f"engine's devices (tensor_parallel = all processes' devices)")
+    return devices
 
 
 def enable_compilation_cache(directory: str | None) -> str:

@@ -274,8 +274,7 @@ class Runner:
         else:
             self.mesh, self.specs, self.inputs_sharding = None, None, devices[0]
             self.weights = jax.device_put(weights, devices[0])  # flat list, flattened once
-        self.last_tokens = jax.device_put(np.zeros(store.slots, np.int32),
-                                          self.inputs_sharding)
+        self.last_tokens = parallel.put(np.zeros(store.slots, np.int32), self.inputs_sharding)
         self.vocab = module.config.vocab_size
         self.eos_ids = tuple(eos_ids)
         self.tables = PenaltyTables.zeros(store.slots, self.vocab, self.inputs_sharding)
@@ -297,7 +296,7 @@ class Runner:
             for greedy_only in self.variants:
                 self._compile(*shape, greedy_only, False, True)
         empty = penalties.rows(_PLAIN, [0], 1, self.vocab, ())
-        self.tables = self._set_rows(self.tables, 0, jax.device_put(empty, self.inputs_sharding))
+        self.tables = self._set_rows(self.tables, 0, parallel.put(empty, self.inputs_sharding))
 
     def temp_bytes(self) -> int:
         """The largest per-device temporary memory of the compiled steps (XLA's estimate)."""
@@ -324,14 +323,14 @@ class Runner:
                   if multi else
                   functools.partial(_step, scoring=scoring, masked=masked, **static))
             args = [self.last_tokens, self.tables,
-                    *jax.device_put(_to_wire(_pack(None, t, s)), self.inputs_sharding)]
+                    *parallel.put(_to_wire(_pack(None, t, s)), self.inputs_sharding)]
             if scoring:
-                args.append(jax.device_put(np.full(t, -1, np.int32), self.inputs_sharding))
+                args.append(parallel.put(np.full(t, -1, np.int32), self.inputs_sharding))
             if multi:
-                args.append(jax.device_put(_stops(None, s, ()), self.inputs_sharding))
+                args.append(parallel.put(_stops(None, s, ()), self.inputs_sharding))
             if masked:
                 words = (self.vocab + 31) // 32
-                args.append(jax.device_put(np.full((s, words), -1, np.int32),
+                args.append(parallel.put(np.full((s, words), -1, np.int32),
                                            self.inputs_sharding))
             if self.mesh is not None:
                 fn = parallel.shard_step(fn, self.mesh, self.specs, num_replicated=len(args))
@@ -361,7 +360,7 @@ class Runner:
             padded = np.full((s, masks.shape[1]), -1, np.int32)
             padded[:len(masks)] = masks
             extra.append(padded)
-        args = jax.device_put([*wire, *extra], self.inputs_sharding)
+        args = parallel.put([*wire, *extra], self.inputs_sharding)
         step = self._compile(t, s, greedy_only, targets is not None, multi, masks is not None)
         self._write_penalty_rows(plan)
         # Every chunk the step reads is mapped before it is dispatched (the CUDA handler maps
@@ -381,7 +380,7 @@ class Runner:
                 row = penalties.rows(seq.params, seq.tokens, seq.num_prompt, self.vocab,
                                      self.eos_ids)
                 self.tables = self._set_rows(self.tables, seq.slot,
-                                             jax.device_put(row, self.inputs_sharding))
+                                             parallel.put(row, self.inputs_sharding))
                 seq.penalty_rows_written = True
 
     @staticmethod
