@@ -144,8 +144,8 @@ def make_store(mc: ModelConfig, kv: KVPlan, slots: int,
 
 def ffi_ordinal(device: jax.Device) -> int:
     """The device ordinal XLA hands the FFI handler on ``device``: the CUDA ordinal on a GPU
-    (process-local), the global device id on the CPU (which equals the process-local index in
-    one process; process p's CPU device is 2048 p under jax.distributed, measured)."""
+    (process-local), the global device id on the CPU (the process-local index in one process;
+    under jax.distributed process 1's CPU device has id 2048, measured)."""
     return device.id if device.platform == "cpu" else device.local_hardware_id
 
 

@@ -40,6 +40,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 from ray.serve.handle import DeploymentHandle
 
+from jvt.config import EngineConfig
 from jvt.server.bridge import (
     EngineBridge,
     EngineDeadError,
@@ -52,7 +53,7 @@ from jvt.server.bridge import (
     resolve,
 )
 from jvt.server.errors import APIError
-from jvt.server.metrics import kv_usage
+from jvt.server.metrics import ServerMetrics, kv_usage
 from jvt.types import RequestOutput, SamplingParams
 
 log = logging.getLogger("jvt.server")
@@ -86,18 +87,17 @@ class EngineReplica:
     """One Engine of the deployment (the class Ray Serve instantiates per replica).
     model, opts: ``jvt.Engine(model, **opts)``; max_queue: requests it queues beyond its slots."""
 
-    def __init__(self, model: str, opts: dict, max_queue: int):
+    async def __init__(self, model: str, opts: dict, max_queue: int):
         import jvt
 
         self.bridge = EngineBridge(lambda: jvt.Engine(model, **opts), max_queue=max_queue)
-        self.bridge.start()
+        await asyncio.to_thread(self.bridge.start)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._gauges = _replica_gauges()
-        self._metrics_task: asyncio.Task | None = None
+        self._metrics_task = asyncio.get_running_loop().create_task(self._export())
 
-    def info(self) -> tuple:
-        """(EngineConfig, this replica's id)."""
-        return self.bridge.config, self.replica_id
+    def info(self) -> EngineConfig:
+        return self.bridge.config
 
     def check_health(self) -> None:
         """Ray Serve's health check: fails once the engine thread has stopped."""
@@ -108,7 +108,6 @@ class EngineReplica:
         """Run one submission; yields ("accepted", replica id) then ("updates", [Update]) per
         engine step with new output, or one ("invalid", index, message) / ("failed", message) /
         ("busy", message) / ("dead", message). Cancelled (the client went away): abort."""
-        self._start_metrics()
         try:
             sub = self.bridge.submit(items)
         except QueueFullError as e:
@@ -145,10 +144,6 @@ class EngineReplica:
         finally:
             if open_:
                 self.bridge.abort(sub)
-
-    def _start_metrics(self) -> None:
-        if self._metrics_task is None:
-            self._metrics_task = asyncio.get_running_loop().create_task(self._export())
 
     async def _export(self) -> None:
         while True:
@@ -293,9 +288,8 @@ class APIServer:
     async def __init__(self, engine: DeploymentHandle, model: str, *, replicas: int,
                        max_queue: int, affinity: bool, app_options: dict):
         from jvt.models import load_tokenizer
-        from jvt.server.metrics import ServerMetrics
 
-        config, _ = await engine.info.remote()
+        config = await engine.info.remote()
         tokenizer = await asyncio.to_thread(load_tokenizer, model)
         names = app_options["served_names"]
         self.metrics = ServerMetrics(names[0], None, lambda: self.front.unfinished)
