@@ -150,6 +150,7 @@ class Retained:
 
     tokens: list[int]  # the KV of tokens[:len(tokens)] is in the slot
     owner: object | None
+    num_prompt: int  # tokens[:num_prompt] were its prompt
 
 
 class Scheduler:
@@ -225,7 +226,8 @@ class Scheduler:
         if keep and reason not in ("abort", "error") and seq.kv_valid > 0:
             if self.enable_prefix_sharing:  # including chunks its last steps computed
                 self.index.register(slot, seq.tokens, seq.kv_valid)
-            self.retained[slot] = Retained(seq.tokens[:seq.kv_valid], seq.owner)
+            self.retained[slot] = Retained(seq.tokens[:seq.kv_valid], seq.owner,
+                                           seq.num_prompt)
         else:
             self._release(slot)
 
@@ -389,6 +391,8 @@ class Scheduler:
                     return True
                 self._release(slot)
                 break
+        if seq.owner is None and reuse_kv and self._continue_retained(seq):
+            return True
         if not self._take_free_slot(seq):
             return False
         seq.num_computed = 0
@@ -401,6 +405,25 @@ class Scheduler:
                 self.shared_upto[src] = max(self.shared_upto[src], shared)
                 if src in self.retained:
                     self.retained.move_to_end(src)
+        return True
+
+    def _continue_retained(self, seq: Sequence) -> bool:
+        """Give an owner-less ``seq`` the retained owner-less slot whose request it continues
+        (the next turn of a conversation sent as a whole, as through the HTTP API): that
+        request's whole prompt repeated, and as much of its output as matches, reused to the
+        token (prefix sharing shares whole chunks only). The slot with the most such tokens
+        wins."""
+        best, reuse = None, 0
+        for slot, r in self.retained.items():
+            if r.owner is None:
+                n = _continues(r, seq.tokens)
+                if n > reuse and n >= self.shared_upto[slot]:
+                    best, reuse = slot, n
+        if best is None:
+            return False
+        del self.retained[best]
+        self.index.truncate(best, reuse)
+        seq.slot, seq.num_computed, seq.prefix_reused = best, reuse, reuse
         return True
 
     def _take_free_slot(self, seq: Sequence) -> bool:
@@ -476,6 +499,16 @@ class Scheduler:
         while self.retained:
             self._release(self.retained.popitem(last=False)[0])
         return had
+
+
+def _continues(r: Retained, tokens: list[int]) -> int:
+    """How many of ``r``'s tokens ``tokens`` repeats from the start, if that is all of r's
+    prompt at least (0 otherwise; at least one token of ``tokens`` is left to compute)."""
+    need = min(r.num_prompt, len(r.tokens))
+    if need == 0 or len(tokens) <= need or r.tokens[need - 1] != tokens[need - 1]:
+        return 0
+    reuse = _common_prefix(r.tokens, tokens, len(tokens) - 1)
+    return reuse if reuse >= need else 0
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

@@ -235,6 +235,30 @@ def test_prefix_sharing_same_outputs_fewer_chunks(model, reference):
     assert _in_use(e) == 0
 
 
+def test_a_continued_request_reuses_its_retained_slot_to_the_token(model, reference):
+    """A request that repeats a finished request's prompt and output (the next turn of a
+    conversation sent whole) continues in that request's retained slot: every token whose KV
+    is there is reused, not only whole chunks, and the outputs equal the reference's."""
+    e = jvt.Engine(model, **ENGINE)
+    first_prompt = _prompts(1, seed=11, lo=97, hi=97)[0]
+    first = e.generate([first_prompt], GREEDY, use_tqdm=False)[0]
+    turn = first_prompt + first.token_ids + _prompts(1, seed=12, lo=5, hi=5)[0]
+    other = _prompts(1, seed=13, lo=40, hi=40)[0]
+    second, unrelated = e.generate([turn, other], GREEDY, use_tqdm=False)
+    assert second.token_ids == reference(turn).token_ids
+    assert unrelated.token_ids == reference(other).token_ids
+    # 97 + 24 tokens, less the last sampled one (its KV was never computed); not a multiple of TPC
+    assert second.metrics.prefix_tokens_reused == 97 + 24 - 1
+    assert unrelated.metrics.prefix_tokens_reused == 0
+    # a prompt that shares only part of the first prompt does not take the slot over
+    partial = first_prompt[:80] + _prompts(1, seed=14, lo=30, hi=30)[0]
+    out = e.generate([partial], GREEDY, use_tqdm=False)[0]
+    assert out.token_ids == reference(partial).token_ids
+    assert out.metrics.prefix_tokens_reused in (0, TPC)  # whole chunks only
+    e.free_cache()
+    assert _in_use(e) == 0
+
+
 def test_stop_strings_and_stop_token_ids(engine):
     prompt = "The stop test: "
     base = engine.generate(prompt, GREEDY, use_tqdm=False)[0]
