@@ -3,13 +3,17 @@ replicas, routed to the replica that holds their KV (``--routing affinity``, the
 Ray's power-of-two choices (``random``: no key).
 
     python -m bench.affinity --json out.json [--model smollm2-135m] [--conversations 8]
+                             [--slots S]
 
 A local Ray cluster on this machine; C conversations of 8 turns (bench.workload.conversations),
 each turn of every conversation sent at once through the openai client (streamed, greedy
 answers of ANSWER_TOKENS tokens, EOS ignored), then the next turn with the answers in the
 history. Per turn: TTFT (request sent to first token, client side) and the prompt tokens the
 engine prefilled (usage: prompt_tokens - prompt_tokens_details.cached_tokens). Both routings
-run the same conversations; the table compares turns 2-8.
+run the same conversations; the table compares turns 2-8. --slots: each replica's
+max_num_seqs (default 2 x conversations: every conversation's KV fits on both replicas; fewer
+slots than conversations make random routing, which keeps a conversation's KV on both
+replicas, evict).
 """
 
 from __future__ import annotations
@@ -65,13 +69,13 @@ async def _conversations(model: str, convs: list[list[str]]) -> list[list[tuple]
     return out
 
 
-def measure(model: str, conversations: int) -> dict:
+def measure(model: str, conversations: int, slots: int) -> dict:
     import ray
     from ray import serve
 
     from jvt.server import ray_serve
 
-    opts = {"max_num_seqs": 2 * conversations, "max_model_len": 4096}
+    opts = {"max_num_seqs": slots, "max_model_len": 4096}
     *convs, warm = workload.conversations(conversations + 1, turns=TURNS, seed=0,
                                           turn_mean=60, max_turn=160)
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -119,11 +123,13 @@ def main(argv=None) -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--conversations", type=int, default=8)
+    ap.add_argument("--slots", type=int, default=None)
     args = ap.parse_args(argv)
-    results = measure(args.model, args.conversations)
+    slots = args.slots or 2 * args.conversations
+    results = measure(args.model, args.conversations, slots)
     s = summary(results)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "model": args.model,
-            "conversations": args.conversations, "turns": TURNS,
+            "conversations": args.conversations, "slots_per_replica": slots, "turns": TURNS,
             "answer_tokens": ANSWER_TOKENS, "python": platform.python_version(),
             "cores": os.cpu_count()}
     with open(args.json, "w") as f:
