@@ -172,7 +172,9 @@ def test_replica_killed_during_load(server):
     others finish, later requests succeed, Serve starts a new replica; nothing hangs."""
     client = server.openai()
     old = wait_for(lambda: len(replica_pids()) == 2 and replica_pids(), 60, "2 replicas")
-    body = {"max_tokens": 400, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    # long enough to be running when the kill lands, however fast the machine (CI: 400 tokens
+    # of the tiny preset were done before it)
+    body = {"max_tokens": 1900, "temperature": 0, "extra_body": {"ignore_eos": True}}
     started = concurrent.futures.Future()
     outcomes: list = [None] * 16
 
@@ -192,9 +194,11 @@ def test_replica_killed_during_load(server):
         futures = [pool.submit(stream, i) for i in range(16)]
         started.result(timeout=120)
         os.kill(old[0], signal.SIGKILL)
+        killed_during = sum(o is None for o in outcomes)
         concurrent.futures.wait(futures, timeout=300)
     assert all(f.done() for f in futures)
     errors = [o for o in outcomes if o != "done"]
+    assert killed_during == 16, "every stream was still running at the kill"
     assert errors and len(errors) < 16, outcomes
     assert all("replica" in str(e) for e in errors), errors
     for i in range(4):
