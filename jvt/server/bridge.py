@@ -82,6 +82,7 @@ class EngineFront:
         self.tokenizer = self.config = None
         self.max_token_bytes = 1  # the tokenizer's, set by start()
 
+    routes = False  # several engines behind it: submit's affinity picks one (ray_serve)
     died = False  # the engine process ended without being stopped (the server exits 1)
     on_dead: Callable[[], None] | None = None  # called when it did
 

@@ -32,6 +32,7 @@ import concurrent.futures
 import logging
 import signal
 import threading
+from collections import Counter
 from collections.abc import Callable
 
 from ray import serve
@@ -59,13 +60,18 @@ from jvt.types import RequestOutput, SamplingParams
 log = logging.getLogger("jvt.server")
 APP_NAME = "jvt"
 METRICS_INTERVAL_S = 1.0  # how often a replica refreshes its Ray gauges
-GAUGES = (("jvt_num_requests_running", "Requests in the running batch.", "running"),
-          ("jvt_num_requests_waiting", "Requests waiting to be scheduled.", "waiting"),
-          ("jvt_num_requests_unfinished", "Requests the replica holds.", None),
-          ("jvt_kv_cache_usage_perc", "Fraction of the KV budget's chunks in use.", "kv"),
-          ("jvt_requests_received", "Engine requests this replica received.",
-           "requests_received"),
-          ("jvt_num_preemptions", "Preemptions (swap or recompute).", "preemptions"))
+GAUGES = (  # name, help, value from (engine.stats(), unfinished requests)
+    ("jvt_num_requests_running", "Requests in the running batch.",
+     lambda s, _: s.get("running", 0)),
+    ("jvt_num_requests_waiting", "Requests waiting to be scheduled.",
+     lambda s, _: s.get("waiting", 0)),
+    ("jvt_num_requests_unfinished", "Requests the replica holds.", lambda _, u: u),
+    ("jvt_kv_cache_usage_perc", "Fraction of the KV budget's chunks in use.",
+     lambda s, _: kv_usage(s)),
+    ("jvt_requests_received", "Engine requests this replica received.",
+     lambda s, _: s.get("requests_received", 0)),
+    ("jvt_num_preemptions", "Preemptions (swap or recompute).",
+     lambda s, _: s.get("preemptions", 0)))
 
 
 class AffinityRouter(ConsistentHashRouter):
@@ -147,10 +153,9 @@ class EngineReplica:
 
     async def _export(self) -> None:
         while True:
-            s = self.bridge.stats
-            values = {"kv": kv_usage(s), None: self.bridge.unfinished}
-            for (name, _, key), gauge in zip(GAUGES, self._gauges, strict=True):
-                gauge.set(values[key] if key in values else s.get(key, 0))
+            s, unfinished = self.bridge.stats, self.bridge.unfinished
+            for (_, _, value), gauge in zip(GAUGES, self._gauges, strict=True):
+                gauge.set(value(s, unfinished))
             await asyncio.sleep(METRICS_INTERVAL_S)
 
     def __del__(self):
@@ -174,11 +179,11 @@ class ServeFront(EngineFront):
                  on_finish: Callable[[RequestOutput], None] | None = None):
         super().__init__(max_queue=max_queue, on_finish=on_finish)
         self._engine = engine
-        self._affinity = affinity
+        self.routes = affinity
         self._started(tokenizer, config)
         self.max_pending = replicas * (config.max_num_seqs + max_queue)
         self._open: dict[Submission, asyncio.Task] = {}
-        self.replicas: dict[str, int] = {}  # replica id -> engine requests it finished
+        self.replicas: Counter[str] = Counter()  # replica id -> engine requests it finished
 
     @property
     def alive(self) -> bool:
@@ -191,7 +196,7 @@ class ServeFront(EngineFront):
         self._reserve(len(items))
         sub = Submission(items)
         sub.left = len(items)  # choices not finished (their slots in the bound are held)
-        task = sub.loop.create_task(self._run(sub, affinity if self._affinity else None))
+        task = sub.loop.create_task(self._run(sub, affinity))
         self._open[sub] = task
         task.add_done_callback(lambda _: self._open.pop(sub, None))
         return sub
@@ -228,7 +233,7 @@ class ServeFront(EngineFront):
                     for update in msg[1]:
                         if update.output is not None:
                             sub.left -= 1
-                            self.replicas[replica] = self.replicas.get(replica, 0) + 1
+                            self.replicas[replica] += 1
                             self._finished(update.output)
                         sub.updates.put_nowait(update)
                 else:

@@ -246,10 +246,15 @@ class ServingContext:
                                 f"{self.max_model_len} tokens: {field} may be at most {room}",
                            field)
 
+    def affinity(self, raw: Request, user: str | None, start) -> str | None:
+        """``affinity_key`` of a request when the engine front routes between replicas, else
+        None (nothing to route: not computed)."""
+        return affinity_key(raw, user, start) if self.bridge.routes else None
+
     async def submit(self, items: list[tuple[list[int], SamplingParams]], param: str,
                      item_name=None, affinity: str | None = None) -> Generation:
         """Queue ``items`` in the engine; the Generation once the engine has accepted all.
-        affinity: ``affinity_key`` of the request (which replica should serve it).
+        affinity: ``affinity`` of the request (which replica should serve it).
 
         Errors: 400 when the engine rejects an item (``param`` names the field unless the
         message names a SamplingParams field; ``item_name(i)`` the item in the message), 503 (Retry-After) when the queue is full,

@@ -34,7 +34,6 @@ from jvt.server.serving import (
     EventStream,
     Generation,
     ServingContext,
-    affinity_key,
     json_response,
     prompt_logprobs,
     sse,
@@ -69,7 +68,7 @@ class ChatServing:
         first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"),
                           len(messages) - 1)
         gen = await ctx.submit([(ids, sp) for sp in params], "messages",
-                               affinity=affinity_key(raw, req.user, messages[:first_user + 1]))
+                               affinity=ctx.affinity(raw, req.user, messages[:first_user + 1]))
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
         names = {t.name for t in tool_list}
         if req.stream:

@@ -23,7 +23,6 @@ from jvt.server.serving import (
     EventStream,
     Generation,
     ServingContext,
-    affinity_key,
     json_response,
     prompt_logprobs,
     sse,
@@ -63,7 +62,7 @@ class CompletionServing:
         n = req.n
         gen = await ctx.submit([(p, sp) for p in ids for sp in params], "prompt",
                                lambda i: f"prompt[{i // n}]",
-                               affinity_key(raw, req.user, ids[0][:AFFINITY_PREFIX_TOKENS]))
+                               ctx.affinity(raw, req.user, ids[0][:AFFINITY_PREFIX_TOKENS]))
         echo = [(p if isinstance(p, str) else ctx.tokenizer.decode(p)) if req.echo else ""
                 for p in prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
